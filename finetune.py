@@ -1,0 +1,244 @@
+"""LoRA / QLoRA fine-tuning of a LLaMA-family model on instruction data or raw text.
+
+    python finetune.py                                   # built-in SmolLM2-135M on data/demo.json
+    python finetune.py --base_model=path/to/llama --data_path=my.json --output_dir=output/
+    python finetune.py --use_4bit --gradient_checkpointing          # QLoRA
+    python finetune.py --stage=pt --data_path=data/pt_demo.txt      # continued pretraining
+    torchrun --nproc_per_node=2 finetune.py ...                      # several devices
+    python finetune.py --dry_run                                     # only check and summarise the data
+
+Writes to --output_dir: the PEFT adapter, the tokenizer, run_config.json (everything the later stages
+need), loss.png, and checkpoint-N/ folders.
+"""
+import math
+import time
+from pathlib import Path
+
+from utils.data import Collator, encode_dialogs, encode_texts, read_dialogs, read_texts, split_validation, summary
+from utils.errors import UserError, as_list, is_main_process, run_cli
+from utils.model import BUILTIN, load_model, load_tokenizer, pick_dtype, resolve_model_path
+
+DEMO_DATA = Path(__file__).resolve().parent / "data" / "demo.json"
+
+
+def plot_loss(log_history, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train"), ("eval_loss", "eval")):
+        points = [(h["step"], h[key]) for h in log_history if key in h]
+        if points:
+            ax.plot(*zip(*points), marker="." if key == "loss" else "o", label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(
+    # model
+    base_model: str = BUILTIN,
+    local_files_only: bool = False,
+    # data
+    data_path: str = str(DEMO_DATA),
+    output_dir: str = "output",
+    stage: str = "sft",
+    template: str = "auto",
+    cutoff_len: int = 512,
+    block_size: int = 512,
+    val_set_size: float = 0,
+    val_data_path: str = None,
+    train_on_inputs: bool = False,
+    dry_run: bool = False,
+    # LoRA
+    lora_r: int = 8,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.05,
+    lora_target_modules="auto",
+    modules_to_save=None,
+    # quantization and precision
+    use_8bit: bool = False,
+    use_4bit: bool = False,
+    bits: int = 16,
+    precision: str = "auto",
+    # training
+    per_device_train_batch_size: int = 8,
+    gradient_accumulation_steps: int = 1,
+    num_epochs: float = 3,
+    max_steps: int = -1,
+    learning_rate: float = 5e-4,
+    lr_scheduler_type: str = "cosine",
+    warmup_ratio: float = 0.03,
+    weight_decay: float = 0.0,
+    logging_steps: int = 5,
+    save_steps: int = 200,
+    save_total_limit: int = 3,
+    eval_steps: int = None,
+    gradient_checkpointing: bool = False,
+    packing: bool = True,
+    seed: int = 42,
+    resume_from_checkpoint=None,
+    overwrite_output_dir: bool = False,
+):
+    """Fine-tune a base model with LoRA (or QLoRA) and save the adapter.
+
+    Args:
+        base_model: hub id, local HF model folder, or "builtin:smollm2" (the built-in SmolLM2-135M-Instruct).
+        local_files_only: never contact the model hub.
+        data_path: JSON list, JSONL file, or folder of them (see data/README.md); .txt too with --stage pt.
+        output_dir: where the adapter, tokenizer, run_config.json, loss.png and checkpoints go.
+        stage: "sft" for instruction tuning, "pt" for continued pretraining on raw text.
+        template: "auto" (the tokenizer's chat template, else alpaca), prompt, alpaca, chatml, llama3, vicuna, or a template .json file.
+        cutoff_len: maximum tokens per sft example; longer ones lose their oldest context, never their answer's EOS.
+        block_size: tokens per block for --stage pt.
+        val_set_size: examples held out for evaluation: a count, or a fraction below 1.
+        val_data_path: a separate validation file (instead of --val_set_size).
+        train_on_inputs: also train on prompt tokens (by default they are masked out of the loss).
+        dry_run: validate the data, print its summary, and exit without loading the model.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA alpha (the update is scaled by alpha / r).
+        lora_dropout: dropout on the LoRA input.
+        lora_target_modules: "auto" (every linear projection in the decoder layers) or names, e.g. q_proj,v_proj.
+        modules_to_save: modules trained in full and saved with the adapter, e.g. embed_tokens,lm_head.
+        use_8bit: load the base model in 8 bits (bitsandbytes).
+        use_4bit: QLoRA: load the base model in 4-bit NF4 with double quantization.
+        bits: 4, 8 or 16; the same as --use_4bit / --use_8bit.
+        precision: auto (bf16 where the device is fast at it, else fp16 on GPU, fp32 on CPU), bf16, fp16 or fp32.
+        per_device_train_batch_size: examples per device per step.
+        gradient_accumulation_steps: steps accumulated per optimizer update.
+        num_epochs: passes over the training data.
+        max_steps: stop after this many optimizer updates (-1: use num_epochs).
+        learning_rate: peak learning rate.
+        lr_scheduler_type: cosine, linear, constant, constant_with_warmup, ...
+        warmup_ratio: fraction of the updates spent warming up.
+        weight_decay: AdamW weight decay.
+        logging_steps: log the loss every N updates.
+        save_steps: save a checkpoint every N updates.
+        save_total_limit: keep at most N checkpoints.
+        eval_steps: evaluate every N updates (default: --save_steps) when there is validation data.
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        packing: pack each batch into one row without padding (same loss, less compute).
+        seed: random seed for LoRA init, shuffling and dropout.
+        resume_from_checkpoint: a checkpoint folder, or True for the latest one in --output_dir.
+        overwrite_output_dir: allow writing into an --output_dir that holds an earlier run.
+    """
+    # --- check the arguments, all at once ---------------------------------------------------------
+    problems = []
+    bits = 4 if use_4bit else 8 if use_8bit else int(bits)
+    if use_4bit and use_8bit:
+        problems.append("--use_4bit and --use_8bit exclude each other")
+    if stage not in ("sft", "pt"):
+        problems.append(f"--stage={stage!r} must be sft or pt")
+    for name, value in (("cutoff_len", cutoff_len), ("block_size", block_size), ("lora_r", lora_r),
+                        ("per_device_train_batch_size", per_device_train_batch_size),
+                        ("gradient_accumulation_steps", gradient_accumulation_steps), ("save_steps", save_steps), ("logging_steps", logging_steps)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            problems.append(f"--{name} must be a positive integer, got {value!r}")
+    if not isinstance(learning_rate, (int, float)) or learning_rate <= 0:
+        problems.append(f"--learning_rate must be a positive number, got {learning_rate!r}")
+    if val_set_size and val_data_path:
+        problems.append("pass either --val_set_size or --val_data_path, not both")
+    if not isinstance(val_set_size, (int, float)) or val_set_size < 0:
+        problems.append(f"--val_set_size must be a count or a fraction, got {val_set_size!r}")
+    if problems:
+        raise UserError("; ".join(problems) + ".")
+    targets = as_list(lora_target_modules, "lora_target_modules")
+    modules_to_save = as_list(modules_to_save, "modules_to_save")
+    out = Path(output_dir)
+    if resume_from_checkpoint is True and not list(out.glob("checkpoint-*")):
+        raise UserError(f"--resume_from_checkpoint=True but {out} holds no checkpoint-N folder; pass a checkpoint path, or drop the flag.")
+    if isinstance(resume_from_checkpoint, str) and not Path(resume_from_checkpoint).is_dir():
+        raise UserError(f"--resume_from_checkpoint={resume_from_checkpoint} is not a folder; pass a checkpoint-N folder, or True for the latest.")
+    if not resume_from_checkpoint and not overwrite_output_dir and not dry_run and (list(out.glob("checkpoint-*")) or (out / "adapter_config.json").exists()):
+        raise UserError(f"{out} already holds a run; pass --resume_from_checkpoint=True to continue it, --overwrite_output_dir=True to replace it, or another --output_dir.")
+    say = print if is_main_process() else (lambda *a, **k: None)
+
+    # --- data: validated and tokenized before any model loads -------------------------------------
+    from utils.templates import load_template
+
+    t0 = time.time()
+    model_path = resolve_model_path(base_model, local_files_only)
+    tokenizer = load_tokenizer(model_path, local_files_only)
+    tmpl = load_template(template, tokenizer)
+    if stage == "sft":
+        examples, stats = encode_dialogs(read_dialogs(data_path, tmpl), tokenizer, tmpl, cutoff_len, train_on_inputs)
+        val = encode_dialogs(read_dialogs(val_data_path, tmpl, "val_data_path"), tokenizer, tmpl, cutoff_len, train_on_inputs)[0] if val_data_path else []
+    else:
+        examples, stats = encode_texts(read_texts(data_path), tokenizer, block_size)
+        val = encode_texts(read_texts(val_data_path, "val_data_path"), tokenizer, block_size)[0] if val_data_path else []
+    if not examples:
+        raise UserError(f"all {stats['records']} records were dropped: nothing to train on remained after truncation to --cutoff_len={cutoff_len}; raise --cutoff_len.")
+    train, held = split_validation(examples, val_set_size, seed)
+    val = val or held
+    say(f"template: {tmpl.name}   stage: {stage}   data: {data_path}")
+    say(summary(examples, stats, tokenizer))
+    say(f"train examples: {len(train)}, validation examples: {len(val)}   ({time.time() - t0:.1f} s)")
+    if dry_run:
+        say("dry run: data is valid; no model was loaded and nothing was written.")
+        return
+
+    # --- model and LoRA ---------------------------------------------------------------------------
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from utils.lora import find_target_modules, lora_config, save_adapter, write_run_config
+
+    set_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = pick_dtype(precision, device)
+    model = load_model(model_path, dtype, bits, local_files_only=local_files_only)
+    model.config.use_cache = False  # a cache would also disable packed-sequence attention
+    if bits < 16:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    targets = find_target_modules(model) if targets in ([], ["auto"]) else targets
+    model = get_peft_model(model, lora_config(model, lora_r, lora_alpha, lora_dropout, targets, modules_to_save))
+    trainable, total = model.get_nb_trainable_parameters()
+    say(f"base: {base_model} ({dtype}, {bits}-bit)   LoRA r={lora_r} on {', '.join(targets)}   trainable {trainable:,} of {total:,} parameters")
+
+    # --- train ------------------------------------------------------------------------------------
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=per_device_train_batch_size,
+        per_device_eval_batch_size=per_device_train_batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
+        num_train_epochs=num_epochs, max_steps=max_steps, learning_rate=learning_rate, lr_scheduler_type=lr_scheduler_type,
+        warmup_steps=warmup_ratio, weight_decay=weight_decay, logging_steps=logging_steps, logging_first_step=True,
+        save_steps=save_steps, save_total_limit=save_total_limit, eval_strategy="steps" if val else "no",
+        eval_steps=eval_steps or save_steps, gradient_checkpointing=gradient_checkpointing and bits >= 16,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, fp16=dtype == torch.float16, seed=seed, data_seed=seed,
+        remove_unused_columns=False, report_to="none", use_cpu=device == "cpu", ddp_find_unused_parameters=False,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val or None,
+                      data_collator=Collator(tokenizer.pad_token_id, packing))
+    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint or None)
+    if val:
+        trainer.evaluate()
+
+    # --- save: adapter, tokenizer, run config, loss plot (rank 0 only) ----------------------------
+    if trainer.is_world_process_zero():
+        save_adapter(model, out)
+        tokenizer.save_pretrained(out)
+        lengths = sorted(len(e["input_ids"]) for e in examples)
+        write_run_config(out, {
+            "base_model": base_model, "base_model_path": model_path, "stage": stage, "template": tmpl.to_dict(),
+            "cutoff_len": cutoff_len, "block_size": block_size if stage == "pt" else None, "train_on_inputs": train_on_inputs,
+            "bits": bits, "dtype": str(dtype).replace("torch.", ""),
+            "lora": {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout, "target_modules": targets, "modules_to_save": modules_to_save},
+            "data": {"path": str(data_path), **stats, "train_examples": len(train), "validation_examples": len(val),
+                     "tokens_min": lengths[0], "tokens_max": lengths[-1], "train_tokens": sum(len(e["input_ids"]) for e in train)},
+            "training": {"learning_rate": learning_rate, "epochs": num_epochs, "steps": result.global_step, "seed": seed,
+                         "per_device_train_batch_size": per_device_train_batch_size, "gradient_accumulation_steps": gradient_accumulation_steps,
+                         "train_loss": result.training_loss if math.isfinite(result.training_loss) else None},
+        })
+        plot_loss(trainer.state.log_history, out / "loss.png")
+        say(f"wrote the adapter, tokenizer, run_config.json and loss.png to {out}/ in {time.time() - t0:.0f} s "
+            f"({result.global_step} steps, train loss {result.training_loss:.3f})")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,37 @@
+"""One error type for bad user input, the CLI wrapper that prints it without a traceback, small checks."""
+import os
+import sys
+
+import fire
+
+
+class UserError(Exception):
+    """Bad input from the user: one sentence saying what is wrong, where, and what to do instead."""
+
+
+def run_cli(main):
+    """fire.Fire(main), except that a UserError prints one line and exits with status 2."""
+    try:
+        fire.Fire(main)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def as_list(value, flag):
+    """Turn "a,b", ("a", "b") or ["a", "b"] (fire gives any of these) into a list of stripped names."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise UserError(f"--{flag} must be a comma-separated list of names, got {value!r}.")
+    return [v.strip() for v in value if v.strip()]
+
+
+def is_main_process():
+    """True on rank 0, or when not distributed: only it prints summaries and writes files."""
+    return int(os.environ.get("RANK", "0")) == 0

