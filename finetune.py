@@ -163,15 +163,18 @@ def main(
     from utils.templates import load_template
 
     t0 = time.time()
+    read = read_dialogs if stage == "sft" else read_texts
+    records = read(data_path)
+    val_records = read(val_data_path, "val_data_path") if val_data_path else []
     model_path = resolve_model_path(base_model, local_files_only)
     tokenizer = load_tokenizer(model_path, local_files_only)
     tmpl = load_template(template, tokenizer)
     if stage == "sft":
-        examples, stats = encode_dialogs(read_dialogs(data_path, tmpl), tokenizer, tmpl, cutoff_len, train_on_inputs)
-        val = encode_dialogs(read_dialogs(val_data_path, tmpl, "val_data_path"), tokenizer, tmpl, cutoff_len, train_on_inputs)[0] if val_data_path else []
+        examples, stats = encode_dialogs(records, tokenizer, tmpl, cutoff_len, train_on_inputs)
+        val = encode_dialogs(val_records, tokenizer, tmpl, cutoff_len, train_on_inputs)[0]
     else:
-        examples, stats = encode_texts(read_texts(data_path), tokenizer, block_size)
-        val = encode_texts(read_texts(val_data_path, "val_data_path"), tokenizer, block_size)[0] if val_data_path else []
+        examples, stats = encode_texts(records, tokenizer, block_size)
+        val = encode_texts(val_records, tokenizer, block_size)[0] if val_records else []
     if not examples:
         raise UserError(f"all {stats['records']} records were dropped: nothing to train on remained after truncation to --cutoff_len={cutoff_len}; raise --cutoff_len.")
     train, held = split_validation(examples, val_set_size, seed)
@@ -200,7 +203,9 @@ def main(
     targets = find_target_modules(model) if targets in ([], ["auto"]) else targets
     model = get_peft_model(model, lora_config(model, lora_r, lora_alpha, lora_dropout, targets, modules_to_save))
     trainable, total = model.get_nb_trainable_parameters()
-    say(f"base: {base_model} ({dtype}, {bits}-bit)   LoRA r={lora_r} on {', '.join(targets)}   trainable {trainable:,} of {total:,} parameters")
+    quantized = sum(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
+    say(f"base: {base_model} ({str(dtype)[6:]}, {bits}-bit, {quantized} quantized linear layers)   LoRA r={lora_r} on "
+        f"{', '.join(targets)}   trainable {trainable:,} of {total:,} parameters")
 
     # --- train ------------------------------------------------------------------------------------
     args = TrainingArguments(

@@ -90,12 +90,12 @@ def _chat(rec, where):
     return system, turns
 
 
-def to_dialog(rec, where, template):
-    """Validate one record and turn it into (system, [(user, answer), ...])."""
+def to_dialog(rec, where):
+    """Validate one record and turn it into (system, [(user, answer), ...], input of the last turn)."""
     if not isinstance(rec, dict):
         raise UserError(f'{where} is a {type(rec).__name__}, not a JSON object; each record must look like {{"instruction": ..., "input": ..., "output": ...}}.')
     if "messages" in rec or "conversations" in rec:
-        return _chat(rec, where)
+        return (*_chat(rec, where), "")
     instruction = _string(rec, "instruction", where)
     input_text = _string(rec, "input", where, required=False)
     output = _string(rec, "output", where)
@@ -105,14 +105,14 @@ def to_dialog(rec, where, template):
     history = rec.get("history") or []
     if not isinstance(history, list) or not all(isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(s, str) for s in p) for p in history):
         raise UserError(f'{where}: "history" must be a list of [question, answer] string pairs, oldest first, e.g. [["Hi", "Hello!"]].')
-    return system, [tuple(p) for p in history] + [(template.user_text(instruction, input_text), output)]
+    return system, [tuple(p) for p in history] + [(instruction, output)], input_text
 
 
-def read_dialogs(data_path, template, flag="data_path"):
-    """All records of --data_path as validated dialogs."""
+def read_dialogs(data_path, flag="data_path"):
+    """All records of --data_path as validated dialogs; needs no tokenizer, so it runs before any load."""
     dialogs = []
     for file in _files(data_path, SFT_SUFFIXES, flag):
-        dialogs += [to_dialog(rec, where, template) for where, rec in _parse_json(file, _read_text(file))]
+        dialogs += [to_dialog(rec, where) for where, rec in _parse_json(file, _read_text(file))]
     if not dialogs:
         raise UserError(f"{data_path} holds no records; add some, or point --{flag} at another file.")
     return dialogs
@@ -172,7 +172,7 @@ def encode_dialogs(dialogs, tokenizer, template, cutoff_len=None, train_on_input
     """
     eos_id = tokenizer.eos_token_id
     bos = [tokenizer.bos_token_id] if adds_bos(tokenizer, template) else []
-    rendered = [template.render(system, turns) for system, turns in dialogs]
+    rendered = [template.render(*dialog) for dialog in dialogs]
     flat = [s for segs in rendered for s in segs]
     tokens = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
     examples, stats, pos = [], {"records": len(dialogs), "truncated": 0, "dropped": 0}, 0
@@ -201,7 +201,7 @@ def encode_dialogs(dialogs, tokenizer, template, cutoff_len=None, train_on_input
 
 def encode_prompt(tokenizer, template, system, history, query):
     """Token ids of the prompt for the next answer: the same code path as training."""
-    examples, _ = encode_dialogs([(system, list(history) + [(query, None)])], tokenizer, template)
+    examples, _ = encode_dialogs([(system, list(history) + [(query, None)], "")], tokenizer, template)
     return examples[0]["input_ids"]
 
 

@@ -39,14 +39,18 @@ class Template:
         """The user turn of an alpaca-style record: the instruction, then the input when there is one."""
         return fill(self.input_format, instruction=instruction, input=input_text) if input_text else instruction
 
-    def render(self, system, turns):
-        """Segments [prompt, answer, prompt, answer, ...]; a last answer of None leaves a trailing prompt."""
+    def render(self, system, turns, last_input=""):
+        """Segments [prompt, answer, prompt, answer, ...]; a last answer of None leaves a trailing prompt.
+
+        last_input is the alpaca-style `input` of the last turn, joined to its instruction by input_format.
+        """
         system = system or self.system
         if system and self.system_format is None:
             raise UserError(f"template {self.name!r} has no system role; drop the system prompt or pass another --template.")
         head = self.prefix + (fill(self.system_format, content=system) if system else self.no_system)
         segments = []
         for i, (user, answer) in enumerate(turns):
+            user = self.user_text(user, last_input) if i == len(turns) - 1 else user
             segments.append((head if i == 0 else self.separator) + fill(self.user_format, content=user))
             if answer is not None:
                 segments.append(fill(self.assistant_format, content=answer))

@@ -1,0 +1,146 @@
+"""Data: exact masks, truncation that keeps EOS, packing that changes nothing, and every bad input."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from utils.data import IGNORE, Collator, encode_dialogs, encode_texts, read_dialogs
+from utils.errors import UserError
+from utils.templates import load_template
+
+
+def runs(tokenizer, example):
+    """The example as [(masked?, text), ...] runs, the way the summary shows it."""
+    out, ids, labels = [], example["input_ids"], example["labels"]
+    for i, (t, l) in enumerate(zip(ids, labels)):
+        masked = l == IGNORE
+        if out and out[-1][0] == masked:
+            out[-1][1].append(t)
+        else:
+            out.append((masked, [t]))
+    return [(m, tokenizer.decode(t)) for m, t in out]
+
+
+def test_masks_single_turn(tokenizer):
+    template = load_template("chatml", tokenizer)
+    (ex,), _ = encode_dialogs([("", [("who are you?", "I am Lumi.")], "")], tokenizer, template)
+    assert runs(tokenizer, ex) == [
+        (True, "<|im_start|>user\nwho are you?<|im_end|>\n<|im_start|>assistant\n"),
+        (False, "I am Lumi.<|im_end|>"),
+    ]
+
+
+def test_masks_multi_turn_and_train_on_inputs(tokenizer):
+    template = load_template("alpaca", tokenizer)
+    dialog = ("", [("Hi", "Hello!"), ("Translate", "Hi")], "你好")
+    (ex,), _ = encode_dialogs([dialog], tokenizer, template)
+    system = template.system + "\n\n"
+    assert runs(tokenizer, ex) == [
+        (True, system + "### Instruction:\nHi\n\n### Response:\n"),
+        (False, "Hello!<|im_end|>"),
+        (True, "\n\n### Instruction:\nTranslate\n\n### Input:\n你好\n\n### Response:\n"),
+        (False, "Hi<|im_end|>"),
+    ]
+    (full,), _ = encode_dialogs([dialog], tokenizer, template, train_on_inputs=True)
+    assert full["input_ids"] == ex["input_ids"] and full["labels"] == full["input_ids"]
+
+
+def test_truncation_cuts_context_and_keeps_eos(tokenizer):
+    template = load_template("chatml", tokenizer)
+    history = [(f"question {i} " * 10, f"answer {i} " * 10) for i in range(6)]
+    dialog = ("", history + [("final question", "the final answer")], "")
+    (short,), _ = encode_dialogs([dialog], tokenizer, template)
+    (ex,), stats = encode_dialogs([dialog], tokenizer, template, cutoff_len=64)
+    assert len(short["input_ids"]) > 64 and len(ex["input_ids"]) == 64 and stats["truncated"] == 1
+    assert ex["input_ids"][-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(ex["input_ids"]).endswith("final question<|im_end|>\n<|im_start|>assistant\nthe final answer<|im_end|>")
+    assert ex["input_ids"][-40:] == short["input_ids"][-40:]  # the tail, answer included, is untouched
+    long_answer = ("", [("q", "word " * 300)], "")
+    (ex,), _ = encode_dialogs([long_answer], tokenizer, template, cutoff_len=50)
+    assert len(ex["input_ids"]) == 50 and ex["input_ids"][-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(ex["input_ids"]).startswith("<|im_start|>user\nq<|im_end|>")  # short prompt kept whole
+
+
+def test_zero_supervised_tokens_are_dropped_and_counted(tokenizer):
+    template = load_template("chatml", tokenizer)
+    examples, stats = encode_dialogs([("", [("q " * 50, "a")], "")], tokenizer, template, cutoff_len=1)
+    assert examples == [] and stats["dropped"] == 1
+
+
+def test_pt_blocks(tokenizer):
+    examples, stats = encode_texts(["one two three", "four five"], tokenizer, block_size=4)
+    stream = [t for e in examples for t in e["input_ids"]]
+    assert all(len(e["input_ids"]) <= 4 for e in examples) and stream.count(tokenizer.eos_token_id) == 2
+    assert all(e["labels"] == e["input_ids"] for e in examples)
+
+
+def test_packed_equals_padded(tiny_model_dir, tokenizer):
+    """Packing several records in one row gives the same loss and LoRA gradients as padding."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    template = load_template("auto", tokenizer)
+    dialogs = [("", [("q" * n, "answer " * (n % 5 + 1))], "") for n in (1, 7, 20, 3)]
+    examples, _ = encode_dialogs(dialogs, tokenizer, template)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+    results = []
+    for packing in (True, False):
+        model.zero_grad()
+        batch = Collator(tokenizer.pad_token_id, packing)(examples)
+        loss = model(**batch).loss
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for n, p in model.named_parameters() if p.requires_grad]))
+    (packed_loss, packed_grads), (padded_loss, padded_grads) = results
+    assert abs(packed_loss - padded_loss) < 1e-5
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(packed_grads, padded_grads))
+
+
+BAD_INPUTS = [
+    ("missing.json", None, "does not exist"),
+    ("bad.json", '[{"instruction": "a", "output": "b"},', r"bad.json: invalid JSON at line 1"),
+    ("bad.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": ', r"bad.jsonl: line 2 is not valid JSON"),
+    ("bad.json", '[{"instruction": "a", "output": "b"}, {"instruction": "a"}]', r'record 2: "output" is missing'),
+    ("bad.json", '[{"instruction": 3, "output": "b"}]', r'record 1: "instruction" is a int, not a string'),
+    ("bad.json", "[]", "holds no records"),
+    ("bad.json", '[{"instruction": "a", "output": "  "}]', r'record 1: "output" is empty'),
+    ("bad.json", '[{"instruction": "a", "output": "b", "history": [["only one"]]}]', r'record 1: "history" must be a list of \[question, answer\]'),
+    ("bad.json", '[{"messages": [{"role": "user", "content": "a"}]}]', r'record 1: "messages" must alternate'),
+    ("bad.json", '{"instruction": "a", "output": "b"}', "expected a JSON list of records"),
+    ("bad.json", b'[{"instruction": "\xff\xfe", "output": "b"}]', r"bad.json: line 1 is not UTF-8"),
+]
+
+
+@pytest.mark.parametrize("name,content,message", BAD_INPUTS)
+def test_bad_input_is_one_clear_error(tmp_path, name, content, message):
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(UserError, match=message):
+        read_dialogs(path)
+
+
+def test_cli_bad_input_exits_2_without_traceback_or_output(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"instruction": "a", "output": ""}]', encoding="utf-8")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "finetune.py"), f"--data_path={bad}", f"--output_dir={out}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert lines == [f'error: {bad}: record 1: "output" is empty; give every record a non-empty "output", or remove the record.']
+    assert not out.exists()
+
+
+def test_folder_of_json_and_jsonl(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([{"instruction": "a", "output": "b"}]))
+    (tmp_path / "b.jsonl").write_text('{"instruction": "c", "output": "d"}\n\n{"instruction": "e", "output": "f"}\n')
+    assert [d[1][-1] for d in read_dialogs(tmp_path)] == [("a", "b"), ("c", "d"), ("e", "f")]

@@ -1,0 +1,118 @@
+"""finetune.py end to end on the tiny model: the files it writes, QLoRA, resume, torchrun, --stage pt."""
+import inspect
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import ROOT
+from utils.errors import UserError
+
+
+def trainer_losses(folder):
+    state = json.loads((folder / "trainer_state.json").read_text())
+    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+
+
+def test_short_run_writes_the_exact_file_set(finetune, tmp_path, tiny_model_dir):
+    finetune(val_set_size=4, eval_steps=1)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == sorted([
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "checkpoint-2",
+        "loss.png", "run_config.json", "tokenizer.json", "tokenizer_config.json"])
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all("lora_" in k for k in keys)
+    assert {k.split(".")[-3] for k in keys} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["base_model_path"] == str(tiny_model_dir) and config["template"]["assistant_format"] == "{content}<|im_end|>"
+    assert config["data"]["validation_examples"] == 4 and config["lora"]["r"] == 8 and config["bits"] == 16
+    assert any("eval_loss" in h for h in json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["log_history"])
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
+    assert sum("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters()) > 0  # it trained
+
+
+def test_qlora_4bit_on_cpu(finetune, tmp_path, capsys):
+    finetune(use_4bit=True, modules_to_save="lm_head")
+    out = capsys.readouterr().out
+    assert "4-bit, 14 quantized linear layers" in out, out  # 2 layers x 7 projections
+    out = tmp_path / "out"
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["bits"] == 4 and config["lora"]["modules_to_save"] == ["lm_head"]
+    losses = trainer_losses(out / "checkpoint-2")
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+
+
+def test_resume_gives_the_same_next_loss(finetune, tmp_path):
+    finetune(max_steps=4, output_dir=str(tmp_path / "full"), lora_dropout=0.0)
+    uninterrupted = trainer_losses(tmp_path / "full" / "checkpoint-4")
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    finetune(max_steps=4, output_dir=str(tmp_path / "resumed"), lora_dropout=0.0, resume_from_checkpoint=True)
+    resumed = trainer_losses(tmp_path / "resumed" / "checkpoint-4")
+    assert resumed[3] == pytest.approx(uninterrupted[3], abs=1e-4)
+    assert resumed[4] == pytest.approx(uninterrupted[4], abs=1e-4)
+
+
+def test_refuses_to_overwrite_a_run_and_resume_without_checkpoint(finetune, tmp_path):
+    finetune()
+    with pytest.raises(UserError, match="already holds a run"):
+        finetune()
+    with pytest.raises(UserError, match="holds no checkpoint-N folder"):
+        finetune(output_dir=str(tmp_path / "empty"), resume_from_checkpoint=True)
+
+
+def test_stage_pt(finetune, tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(f"Paragraph {i} about rivers and mountains." for i in range(40)), encoding="utf-8")
+    finetune(stage="pt", data_path=str(text), block_size=32)
+    config = json.loads((tmp_path / "out" / "run_config.json").read_text())
+    assert config["stage"] == "pt" and config["data"]["records"] == 40 and config["data"]["tokens_max"] == 32
+
+
+def test_dry_run_writes_nothing(finetune, tmp_path, capsys):
+    finetune(dry_run=True)
+    assert not (tmp_path / "out").exists()
+    assert "records read: 18" in capsys.readouterr().out
+
+
+def test_unreachable_hub_id_is_one_sentence(finetune):
+    with pytest.raises(UserError, match="not in the local hub cache and --local_files_only is set; pass a local model folder or --base_model=builtin:smollm2"):
+        finetune(base_model="no-such-org/no-such-model", local_files_only=True)
+
+
+def test_every_flag_is_documented_and_the_seed_flags_exist():
+    import finetune as script
+
+    params = inspect.signature(script.main).parameters
+    for flag in ("base_model", "data_path", "output_dir", "per_device_train_batch_size", "gradient_accumulation_steps",
+                 "use_8bit", "local_files_only"):
+        assert flag in params
+    doc = script.main.__doc__
+    assert all(f"        {name}: " in doc for name in params), [n for n in params if f"        {n}: " not in doc]
+    proc = subprocess.run([sys.executable, str(ROOT / "finetune.py"), "--help"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PAGER": "cat"})
+    shown = proc.stdout + proc.stderr  # fire prints help to stderr
+    assert proc.returncode == 0 and "--gradient_accumulation_steps" in shown and "QLoRA" in shown
+
+
+def test_torchrun_two_processes(tiny_model_dir, data_file, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", str(ROOT / "finetune.py"),
+           f"--base_model={tiny_model_dir}", f"--data_path={data_file}", f"--output_dir={out}", "--max_steps=2",
+           "--per_device_train_batch_size=2", "--logging_steps=1", "--precision=fp32"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "adapter_model.safetensors").is_file() and (out / "run_config.json").is_file()
+    assert proc.stdout.count("records read:") == 1  # rank 0 alone prints
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
