@@ -11,6 +11,7 @@ Writes to --output_dir: the PEFT adapter, the tokenizer, run_config.json (everyt
 need), loss.png, and checkpoint-N/ folders.
 """
 import math
+import os
 import time
 from pathlib import Path
 
@@ -179,7 +180,7 @@ def main(
         raise UserError(f"all {stats['records']} records were dropped: nothing to train on remained after truncation to --cutoff_len={cutoff_len}; raise --cutoff_len.")
     train, held = split_validation(examples, val_set_size, seed)
     val = val or held
-    say(f"template: {tmpl.name}   stage: {stage}   data: {data_path}")
+    say(f"template: {tmpl.name}   stage: {stage}   data: {data_path}   processes: {os.environ.get('WORLD_SIZE', 1)}")
     say(summary(examples, stats, tokenizer))
     say(f"train examples: {len(train)}, validation examples: {len(val)}   ({time.time() - t0:.1f} s)")
     if dry_run:
@@ -214,8 +215,8 @@ def main(
         num_train_epochs=num_epochs, max_steps=max_steps, learning_rate=learning_rate, lr_scheduler_type=lr_scheduler_type,
         warmup_steps=warmup_ratio, weight_decay=weight_decay, logging_steps=logging_steps, logging_first_step=True,
         save_steps=save_steps, save_total_limit=save_total_limit, eval_strategy="steps" if val else "no",
-        eval_steps=eval_steps or save_steps, gradient_checkpointing=gradient_checkpointing and bits >= 16,
-        gradient_checkpointing_kwargs={"use_reentrant": False}, fp16=dtype == torch.float16, seed=seed, data_seed=seed,
+        eval_steps=eval_steps or save_steps, activation_checkpointing=gradient_checkpointing and bits >= 16,
+        activation_checkpointing_kwargs={"use_reentrant": False}, fp16=dtype == torch.float16, seed=seed, data_seed=seed,
         remove_unused_columns=False, report_to="none", use_cpu=device == "cpu", ddp_find_unused_parameters=False,
     )
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val or None,

@@ -116,3 +116,21 @@ def test_torchrun_two_processes(tiny_model_dir, data_file, tmp_path):
     assert proc.stdout.count("records read:") == 1  # rank 0 alone prints
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
+
+
+def test_accelerate_launch(tiny_model_dir, data_file, tmp_path):
+    """accelerate launch runs the script unchanged (on CPU accelerate starts one process; torchrun gives several)."""
+    out = tmp_path / "acc"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes=1", "--num_machines=1",
+           "--mixed_precision=no", "--dynamo_backend=no", str(ROOT / "finetune.py"), f"--base_model={tiny_model_dir}",
+           f"--data_path={data_file}", f"--output_dir={out}", "--max_steps=1", "--precision=fp32"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_builtin_model_short_run(finetune, tmp_path):
+    """The default base model (bf16 where the CPU supports it) trains and saves."""
+    finetune(base_model="builtin:smollm2", precision="auto", max_steps=1, save_steps=1, cutoff_len=64)
+    config = json.loads((tmp_path / "out" / "run_config.json").read_text())
+    assert config["base_model"] == "builtin:smollm2" and config["template"]["stop_strings"] == ["<|im_end|>"]
