@@ -57,3 +57,18 @@ def read_run_config(folder):
         if candidate.is_file():
             return json.loads(candidate.read_text(encoding="utf-8"))
     return None
+
+
+def adapter_base(folder, run_config=None):
+    """The base model an adapter was trained on: the run config's (its resolved path while that exists),
+    else the base_model_name_or_path PEFT recorded in adapter_config.json."""
+    from utils.model import BUILTIN
+
+    run_config = run_config or {}
+    if run_config.get("base_model") == BUILTIN:
+        return BUILTIN
+    if run_config.get("base_model_path") and Path(run_config["base_model_path"]).exists():
+        return run_config["base_model_path"]
+    if run_config.get("base_model"):
+        return run_config["base_model"]
+    return json.loads((Path(folder) / "adapter_config.json").read_text()).get("base_model_name_or_path")

@@ -176,3 +176,49 @@ def load_model(path, dtype, bits=16, device_map=None, local_files_only=False):
         path, dtype=dtype, quantization_config=qconfig, device_map=device_map,
         local_files_only=local_files_only, attn_implementation="sdpa",
     )
+
+
+def device_map_for(num_gpus):
+    """None on CPU, one GPU, or a balanced map over the first num_gpus GPUs (as the older project did)."""
+    if not torch.cuda.is_available():
+        return None
+    count = min(max(int(num_gpus or 1), 1), torch.cuda.device_count())
+    if count == 1:
+        return {"": 0}
+    return "auto" if count == torch.cuda.device_count() else {"max_memory": {i: torch.cuda.get_device_properties(i).total_memory for i in range(count)}}
+
+
+def load_for_inference(model_path=None, lora_model=None, base_model=None, template="auto", bits=16,
+                       num_gpus=1, precision="auto", local_files_only=False):
+    """Load what the chat, web and evaluation stages talk to, with the template training used.
+
+    model_path: a merged or any HF model folder (or hub id). lora_model: a finetune.py output folder (or a
+    checkpoint-N/ inside it): its base comes from run_config.json or adapter_config.json unless base_model
+    is given. Neither: the built-in model. Returns (model, tokenizer, template, run_config).
+    """
+    from utils.lora import adapter_base, read_run_config
+    from utils.templates import resolve_template
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = pick_dtype(precision, device)
+    run_config = None
+    if lora_model:
+        folder = Path(lora_model)
+        if not (folder / "adapter_config.json").is_file():
+            raise UserError(f"{folder} holds no adapter_config.json; pass --lora_model a finetune.py output folder or a checkpoint-N folder.")
+        run_config = read_run_config(folder) or {}
+        base_model = base_model or adapter_base(folder, run_config)
+        path = resolve_model_path(base_model or BUILTIN, local_files_only)
+        tokenizer_path = next((f for f in (folder, folder.parent) if (f / "tokenizer_config.json").is_file()), path)
+    else:
+        path = resolve_model_path(model_path or BUILTIN, local_files_only)
+        run_config = read_run_config(path) if Path(path).is_dir() else None
+        tokenizer_path = path
+    tokenizer = load_tokenizer(tokenizer_path, local_files_only)
+    model = load_model(path, dtype, bits, device_map=device_map_for(num_gpus), local_files_only=local_files_only)
+    if lora_model:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, lora_model)
+    model.eval()
+    return model, tokenizer, resolve_template(template, tokenizer, run_config), run_config

@@ -145,3 +145,13 @@ def load_template(name, tokenizer):
     if str(name).endswith(".json") and Path(name).is_file():
         return _from_file(name, Path(name).stem)
     raise UserError(f"unknown --template={name!r}; use auto, one of {', '.join(builtin_names())}, or a path to a template .json file.")
+
+
+def resolve_template(name, tokenizer, run_config=None):
+    """The template a later stage must use: an explicit --template wins, else the one training recorded
+    in run_config.json (so inference prompts equal training prompts), else auto."""
+    if name and name != "auto":
+        return load_template(name, tokenizer)
+    if run_config and isinstance(run_config.get("template"), dict):
+        return Template(**run_config["template"])
+    return load_template("auto", tokenizer)
