@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from utils.data import Collator, encode_dialogs, encode_texts, read_dialogs, read_texts, split_validation, summary
+from utils.data import Collator, cache_key, cached, encode_dialogs, encode_texts, read_dialogs, read_texts, split_validation, summary
 from utils.errors import UserError, as_list, is_main_process, run_cli
 from utils.model import BUILTIN, load_model, load_tokenizer, pick_dtype, resolve_model_path
 
@@ -57,6 +57,7 @@ def main(
     val_data_path: str = None,
     train_on_inputs: bool = False,
     dry_run: bool = False,
+    data_cache: bool = True,
     # LoRA
     lora_r: int = 8,
     lora_alpha: int = 16,
@@ -81,7 +82,7 @@ def main(
     save_steps: int = 200,
     save_total_limit: int = 3,
     eval_steps: int = None,
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing="auto",
     packing: bool = True,
     seed: int = 42,
     resume_from_checkpoint=None,
@@ -102,6 +103,7 @@ def main(
         val_data_path: a separate validation file (instead of --val_set_size).
         train_on_inputs: also train on prompt tokens (by default they are masked out of the loss).
         dry_run: validate the data, print its summary, and exit without loading the model.
+        data_cache: reuse tokenized data from the cache (keyed by a hash of the data, tokenizer and settings).
         lora_r: LoRA rank.
         lora_alpha: LoRA alpha (the update is scaled by alpha / r).
         lora_dropout: dropout on the LoRA input.
@@ -123,7 +125,7 @@ def main(
         save_steps: save a checkpoint every N updates.
         save_total_limit: keep at most N checkpoints.
         eval_steps: evaluate every N updates (default: --save_steps) when there is validation data.
-        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        gradient_checkpointing: recompute activations in the backward pass to save memory: True, False, or auto (on only when the activations would not fit in free memory).
         packing: pack each batch into one row without padding (same loss, less compute).
         seed: random seed for LoRA init, shuffling and dropout.
         resume_from_checkpoint: a checkpoint folder, or True for the latest one in --output_dir.
@@ -147,6 +149,8 @@ def main(
         problems.append("pass either --val_set_size or --val_data_path, not both")
     if not isinstance(val_set_size, (int, float)) or val_set_size < 0:
         problems.append(f"--val_set_size must be a count or a fraction, got {val_set_size!r}")
+    if gradient_checkpointing not in (True, False, "auto"):
+        problems.append(f"--gradient_checkpointing must be True, False or auto, got {gradient_checkpointing!r}")
     if problems:
         raise UserError("; ".join(problems) + ".")
     targets = as_list(lora_target_modules, "lora_target_modules")
@@ -170,19 +174,21 @@ def main(
     model_path = resolve_model_path(base_model, local_files_only)
     tokenizer = load_tokenizer(model_path, local_files_only)
     tmpl = load_template(template, tokenizer)
-    if stage == "sft":
-        examples, stats = encode_dialogs(records, tokenizer, tmpl, cutoff_len, train_on_inputs)
-        val = encode_dialogs(val_records, tokenizer, tmpl, cutoff_len, train_on_inputs)[0]
-    else:
-        examples, stats = encode_texts(records, tokenizer, block_size)
-        val = encode_texts(val_records, tokenizer, block_size)[0] if val_records else []
+    def encode(recs):
+        if stage == "sft":
+            return encode_dialogs(recs, tokenizer, tmpl, cutoff_len, train_on_inputs)
+        return encode_texts(recs, tokenizer, block_size)
+
+    settings = {"stage": stage, "template": tmpl.to_dict(), "cutoff_len": cutoff_len, "block_size": block_size, "train_on_inputs": train_on_inputs}
+    examples, stats, hit = cached(cache_key([data_path], tokenizer, settings), lambda: encode(records)) if data_cache else (*encode(records), False)
+    val = encode(val_records)[0] if val_records else []
     if not examples:
         raise UserError(f"all {stats['records']} records were dropped: nothing to train on remained after truncation to --cutoff_len={cutoff_len}; raise --cutoff_len.")
     train, held = split_validation(examples, val_set_size, seed)
     val = val or held
     say(f"template: {tmpl.name}   stage: {stage}   data: {data_path}   processes: {os.environ.get('WORLD_SIZE', 1)}")
     say(summary(examples, stats, tokenizer))
-    say(f"train examples: {len(train)}, validation examples: {len(val)}   ({time.time() - t0:.1f} s)")
+    say(f"train examples: {len(train)}, validation examples: {len(val)}   ({time.time() - t0:.1f} s{', tokenized data from the cache' if hit else ''})")
     if dry_run:
         say("dry run: data is valid; no model was loaded and nothing was written.")
         return
@@ -193,20 +199,26 @@ def main(
     from transformers import Trainer, TrainingArguments, set_seed
 
     from utils.lora import find_target_modules, lora_config, save_adapter, write_run_config
+    from utils.train import attention_for, causal_lm_loss, needs_checkpointing, register_packed_attention, throughput_callback
 
     set_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = pick_dtype(precision, device)
-    model = load_model(model_path, dtype, bits, local_files_only=local_files_only)
+    register_packed_attention()
+    model = load_model(model_path, dtype, bits, local_files_only=local_files_only, attn_implementation=attention_for(device))
     model.config.use_cache = False  # a cache would also disable packed-sequence attention
+    if gradient_checkpointing == "auto":
+        tokens_per_step = per_device_train_batch_size * (cutoff_len if stage == "sft" else block_size)
+        gradient_checkpointing = needs_checkpointing(model.config, tokens_per_step, 2 if dtype != torch.float32 else 4, device)
     if bits < 16:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(gradient_checkpointing),
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     targets = find_target_modules(model) if targets in ([], ["auto"]) else targets
     model = get_peft_model(model, lora_config(model, lora_r, lora_alpha, lora_dropout, targets, modules_to_save))
     trainable, total = model.get_nb_trainable_parameters()
     quantized = sum(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
     say(f"base: {base_model} ({str(dtype)[6:]}, {bits}-bit, {quantized} quantized linear layers)   LoRA r={lora_r} on "
-        f"{', '.join(targets)}   trainable {trainable:,} of {total:,} parameters")
+        f"{', '.join(targets)}   trainable {trainable:,} of {total:,} parameters   activation checkpointing: {'on' if gradient_checkpointing else 'off'}")
 
     # --- train ------------------------------------------------------------------------------------
     args = TrainingArguments(
@@ -215,12 +227,15 @@ def main(
         num_train_epochs=num_epochs, max_steps=max_steps, learning_rate=learning_rate, lr_scheduler_type=lr_scheduler_type,
         warmup_steps=warmup_ratio, weight_decay=weight_decay, logging_steps=logging_steps, logging_first_step=True,
         save_steps=save_steps, save_total_limit=save_total_limit, eval_strategy="steps" if val else "no",
-        eval_steps=eval_steps or save_steps, activation_checkpointing=gradient_checkpointing and bits >= 16,
+        eval_steps=eval_steps or save_steps, activation_checkpointing=bool(gradient_checkpointing) and bits >= 16,
         activation_checkpointing_kwargs={"use_reentrant": False}, fp16=dtype == torch.float16, seed=seed, data_seed=seed,
         remove_unused_columns=False, report_to="none", use_cpu=device == "cpu", ddp_find_unused_parameters=False,
+        include_num_input_tokens_seen="non_padding",
     )
+    speed = throughput_callback()
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val or None,
-                      data_collator=Collator(tokenizer.pad_token_id, packing))
+                      data_collator=Collator(tokenizer.pad_token_id, packing), compute_loss_func=causal_lm_loss,
+                      callbacks=[speed])
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint or None)
     if val:
         trainer.evaluate()
@@ -239,11 +254,13 @@ def main(
                      "tokens_min": lengths[0], "tokens_max": lengths[-1], "train_tokens": sum(len(e["input_ids"]) for e in train)},
             "training": {"learning_rate": learning_rate, "epochs": num_epochs, "steps": result.global_step, "seed": seed,
                          "per_device_train_batch_size": per_device_train_batch_size, "gradient_accumulation_steps": gradient_accumulation_steps,
-                         "train_loss": result.training_loss if math.isfinite(result.training_loss) else None},
+                         "train_loss": result.training_loss if math.isfinite(result.training_loss) else None,
+                         "tokens_per_second": speed.tokens_per_second,
+                         "activation_checkpointing": bool(model.base_model.model.is_activation_checkpointing)},
         })
         plot_loss(trainer.state.log_history, out / "loss.png")
         say(f"wrote the adapter, tokenizer, run_config.json and loss.png to {out}/ in {time.time() - t0:.0f} s "
-            f"({result.global_step} steps, train loss {result.training_loss:.3f})")
+            f"({result.global_step} steps, train loss {result.training_loss:.3f}, {speed.tokens_per_second or 0:.0f} tokens/s)")
 
 
 if __name__ == "__main__":

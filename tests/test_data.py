@@ -78,27 +78,38 @@ def test_pt_blocks(tokenizer):
 
 
 def test_packed_equals_padded(tiny_model_dir, tokenizer):
-    """Packing several records in one row gives the same loss and LoRA gradients as padding."""
+    """The fast path (packed row, per-example attention, logits only where supervised) gives the same loss
+    and LoRA gradients as the plain padded batch with transformers' own loss."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from utils.train import PACKED_ATTENTION, causal_lm_loss, register_packed_attention
+
+    register_packed_attention()
     template = load_template("auto", tokenizer)
     dialogs = [("", [("q" * n, "answer " * (n % 5 + 1))], "") for n in (1, 7, 20, 3)]
+    dialogs.append(("", [("Hi", "Hello!"), ("Name?", "Lumi.")], ""))
     examples, _ = encode_dialogs(dialogs, tokenizer, template)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
     results = []
-    for packing in (True, False):
-        model.zero_grad()
+    for packing, attention in ((True, PACKED_ATTENTION), (False, "sdpa")):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=attention)
+        model.config.use_cache = False
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
         batch = Collator(tokenizer.pad_token_id, packing)(examples)
-        loss = model(**batch).loss
+        if packing:
+            assert batch["input_ids"].shape[0] == 1 and len(batch["logits_to_keep"]) < batch["input_ids"].shape[1] / 2
+            labels = batch.pop("labels")
+            outputs = model(**batch)
+            assert outputs.logits.shape[1] == len(batch["logits_to_keep"])
+            loss = causal_lm_loss(outputs, labels)
+        else:
+            loss = model(**batch).loss
         loss.backward()
-        results.append((loss.item(), [p.grad.clone() for n, p in model.named_parameters() if p.requires_grad]))
+        results.append((loss.item(), [p.grad for n, p in model.named_parameters() if p.requires_grad]))
     (packed_loss, packed_grads), (padded_loss, padded_grads) = results
     assert abs(packed_loss - padded_loss) < 1e-5
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(packed_grads, padded_grads))
+    assert len(packed_grads) == 2 * 3 * 2 and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(packed_grads, padded_grads))
 
 
 BAD_INPUTS = [
@@ -144,3 +155,32 @@ def test_folder_of_json_and_jsonl(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps([{"instruction": "a", "output": "b"}]))
     (tmp_path / "b.jsonl").write_text('{"instruction": "c", "output": "d"}\n\n{"instruction": "e", "output": "f"}\n')
     assert [d[1][-1] for d in read_dialogs(tmp_path)] == [("a", "b"), ("c", "d"), ("e", "f")]
+
+
+def test_cache_is_keyed_by_data_tokenizer_and_settings(tmp_path, tokenizer, data_file):
+    from utils.data import cache_key, cached
+
+    settings = {"cutoff_len": 128}
+    key = cache_key([data_file], tokenizer, settings)
+    assert key == cache_key([data_file], tokenizer, dict(settings))
+    assert key != cache_key([data_file], tokenizer, {"cutoff_len": 64})
+    other = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    other.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
+    assert key != cache_key([data_file], other, settings)
+    changed = tmp_path / "changed" / data_file.name
+    changed.parent.mkdir()
+    changed.write_bytes(data_file.read_bytes().replace(b"Lumi", b"Lumo"))
+    assert key != cache_key([changed], tokenizer, settings)
+
+    template = load_template("auto", tokenizer)
+    built = []
+
+    def build():
+        built.append(1)
+        return encode_dialogs(read_dialogs(data_file), tokenizer, template, 128)
+
+    first, stats, hit = cached(key, build, folder=tmp_path / "cache")
+    again, stats_again, hit_again = cached(key, build, folder=tmp_path / "cache")
+    assert (hit, hit_again, len(built)) == (False, True, 1) and stats_again == stats
+    assert [list(e["input_ids"]) for e in again] == [e["input_ids"] for e in first]
+    assert [list(e["labels"]) for e in again] == [e["labels"] for e in first]

@@ -107,7 +107,12 @@ def test_every_flag_is_documented_and_the_seed_flags_exist():
 
 def test_torchrun_two_processes(tiny_model_dir, data_file, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", str(ROOT / "finetune.py"),
+    import socket
+
+    with socket.socket() as sock:  # a free port: several suites may run at once on one machine
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", str(ROOT / "finetune.py"),
            f"--base_model={tiny_model_dir}", f"--data_path={data_file}", f"--output_dir={out}", "--max_steps=2",
            "--per_device_train_batch_size=2", "--logging_steps=1", "--precision=fp32"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -134,3 +139,20 @@ def test_builtin_model_short_run(finetune, tmp_path):
     finetune(base_model="builtin:smollm2", precision="auto", max_steps=1, save_steps=1, cutoff_len=64)
     config = json.loads((tmp_path / "out" / "run_config.json").read_text())
     assert config["base_model"] == "builtin:smollm2" and config["template"]["stop_strings"] == ["<|im_end|>"]
+
+
+@pytest.mark.parametrize("flag,expected", [(True, True), (False, False), ("auto", False)])
+def test_activation_checkpointing_switch(finetune, tmp_path, flag, expected):
+    finetune(gradient_checkpointing=flag, max_steps=1, save_steps=1)
+    config = json.loads((tmp_path / "out" / "run_config.json").read_text())
+    assert config["training"]["activation_checkpointing"] is expected
+
+
+def test_checkpointing_turns_on_when_activations_do_not_fit(tiny_model_dir):
+    from transformers import AutoConfig
+
+    from utils.train import needs_checkpointing
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    assert not needs_checkpointing(config, 4096, 2, "cpu")
+    assert needs_checkpointing(config, 10**9, 2, "cpu")  # a billion tokens per step fits nowhere

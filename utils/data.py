@@ -3,8 +3,11 @@
 Every record is validated before any model loads; a bad one raises a UserError naming the file, the
 record number and the fix. Supported layouts are documented in data/README.md.
 """
+import hashlib
 import json
+import os
 import statistics
+import tempfile
 from pathlib import Path
 
 from utils.errors import UserError
@@ -175,7 +178,7 @@ def encode_dialogs(dialogs, tokenizer, template, cutoff_len=None, train_on_input
     rendered = [template.render(*dialog) for dialog in dialogs]
     flat = [s for segs in rendered for s in segs]
     tokens = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
-    examples, stats, pos = [], {"records": len(dialogs), "truncated": 0, "dropped": 0}, 0
+    examples, stats, pos = [], {"records": len(dialogs), "truncated": 0, "dropped": 0, "supervised_tokens": 0}, 0
     for segs in rendered:
         ids, labels, answer_start = list(bos), [IGNORE] * len(bos), None
         for j in range(len(segs)):
@@ -192,9 +195,11 @@ def encode_dialogs(dialogs, tokenizer, template, cutoff_len=None, train_on_input
         if cutoff_len and len(ids) > cutoff_len:
             stats["truncated"] += 1
             ids, labels = _truncate(ids, labels, answer_start if answer_start is not None else len(ids), cutoff_len, len(bos), eos_id)
-        if len(segs) % 2 == 0 and not any(l != IGNORE for l in labels[1:]):
+        supervised = len(labels) - 1 - labels[1:].count(IGNORE)
+        if len(segs) % 2 == 0 and supervised == 0:
             stats["dropped"] += 1  # nothing left to learn from: feeding it would give a NaN loss
             continue
+        stats["supervised_tokens"] += supervised
         examples.append({"input_ids": ids, "labels": labels})
     return examples, stats
 
@@ -211,7 +216,8 @@ def encode_texts(texts, tokenizer, block_size):
     stream = [t for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] for t in ids + eos]
     blocks = [stream[i:i + block_size] for i in range(0, len(stream), block_size)]
     blocks = [b for b in blocks if len(b) > 1]
-    return [{"input_ids": b, "labels": b[:]} for b in blocks], {"records": len(texts), "truncated": 0, "dropped": 0}
+    stats = {"records": len(texts), "truncated": 0, "dropped": 0, "supervised_tokens": sum(len(b) - 1 for b in blocks)}
+    return [{"input_ids": b, "labels": b[:]} for b in blocks], stats
 
 
 def split_validation(examples, val_set_size, seed):
@@ -235,7 +241,7 @@ def summary(examples, stats, tokenizer):
     p95 = lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))]
     lines = [
         f"records read: {stats['records']}, kept: {len(examples)}, truncated: {stats['truncated']}, dropped (nothing left to train on): {stats['dropped']}",
-        f"tokens per example: min {lengths[0]}, median {int(statistics.median(lengths))}, p95 {p95}, max {lengths[-1]}; supervised tokens: {sum(sum(l != IGNORE for l in e['labels'][1:]) for e in examples)}",
+        f"tokens per example: min {lengths[0]}, median {int(statistics.median(lengths))}, p95 {p95}, max {lengths[-1]}; supervised tokens: {stats['supervised_tokens']}",
         "example 1 ([-] masked from the loss, [+] trained on):",
     ]
     ex = examples[0]
@@ -243,9 +249,50 @@ def summary(examples, stats, tokenizer):
     for i in range(1, len(ex["input_ids"]) + 1):
         if i == len(ex["input_ids"]) or (ex["labels"][i] == IGNORE) != (ex["labels"][run_start] == IGNORE):
             mark = "-" if ex["labels"][run_start] == IGNORE else "+"
-            lines.append(f"  [{mark}] {tokenizer.decode(ex['input_ids'][run_start:i])!r}")
+            lines.append(f"  [{mark}] {tokenizer.decode(list(ex['input_ids'][run_start:i]))!r}")
             run_start = i
     return "\n".join(lines)
+
+
+CACHE_VERSION = 2  # bump when the encoding changes, so old cache entries are never reused
+
+
+def cache_key(data_paths, tokenizer, settings):
+    """A content hash of the data files, the tokenizer and the encoding settings."""
+    h = hashlib.sha256(f"v{CACHE_VERSION}".encode())
+    for data_path in data_paths:
+        for file in _files(data_path, PT_SUFFIXES, "data_path"):
+            h.update(file.name.encode() + file.read_bytes())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else str(tokenizer.get_vocab())).encode())
+    h.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, settings], sort_keys=True, default=str).encode())
+    return h.hexdigest()[:24]
+
+
+def cached(key, build, folder=None):
+    """build() -> (examples, stats), stored under key in folder (default: the cache's data/); returns
+    (examples, stats, hit)."""
+    import numpy as np
+
+    from utils.model import cache_dir
+
+    path = Path(folder or cache_dir() / "data") / f"{key}.npz"
+    if path.is_file():
+        with np.load(path) as f:
+            ids, labels, offsets = f["input_ids"], f["labels"], f["offsets"].tolist()
+            stats = json.loads(str(f["stats"]))
+        examples = [{"input_ids": ids[a:b], "labels": labels[a:b]} for a, b in zip(offsets, offsets[1:])]  # views
+        return examples, stats, True
+    examples, stats = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    offsets = np.cumsum([0] + [len(e["input_ids"]) for e in examples])
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")  # written aside, then renamed: never half-read
+    with os.fdopen(fd, "wb") as f:
+        np.savez(f, input_ids=np.fromiter((t for e in examples for t in e["input_ids"]), np.int32, offsets[-1]),
+                 labels=np.fromiter((t for e in examples for t in e["labels"]), np.int32, offsets[-1]),
+                 offsets=offsets, stats=json.dumps(stats))
+    os.replace(tmp, path)
+    return examples, stats, False
 
 
 class Collator:
@@ -254,24 +301,30 @@ class Collator:
     packing=True (the default) concatenates the batch into one row without padding: position_ids
     restart at each example, which makes the attention block-diagonal (transformers detects this from
     position_ids when no attention_mask is given), and each example's first label is masked so no
-    example learns from its neighbour. Loss and gradients equal the padded computation.
+    example learns from its neighbour. Loss and gradients equal the padded computation. It also sends
+    logits_to_keep, the positions whose next token is supervised (see utils/train.py).
     """
 
     def __init__(self, pad_token_id, packing=True):
         self.pad_token_id, self.packing = pad_token_id, packing
 
     def __call__(self, features):
+        import numpy as np
         import torch
 
+        ids = [np.asarray(f["input_ids"], dtype=np.int64) for f in features]
+        labels = [np.asarray(f["labels"], dtype=np.int64) for f in features]
         if self.packing:
-            ids = [t for f in features for t in f["input_ids"]]
-            labels = [l for f in features for l in [IGNORE] + f["labels"][1:]]
-            positions = [p for f in features for p in range(len(f["input_ids"]))]
-            return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([positions])}
-        width = max(len(f["input_ids"]) for f in features)
-        pad = [width - len(f["input_ids"]) for f in features]
-        return {
-            "input_ids": torch.tensor([f["input_ids"] + [self.pad_token_id] * p for f, p in zip(features, pad)]),
-            "labels": torch.tensor([f["labels"] + [IGNORE] * p for f, p in zip(features, pad)]),
-            "attention_mask": torch.tensor([[1] * len(f["input_ids"]) + [0] * p for f, p in zip(features, pad)]),
-        }
+            row_labels = np.concatenate([np.concatenate([[IGNORE], l[1:]]) for l in labels])
+            positions = np.concatenate([np.arange(len(i)) for i in ids])
+            targets = torch.from_numpy(row_labels[1:])
+            return {"input_ids": torch.from_numpy(np.concatenate(ids))[None], "labels": torch.from_numpy(row_labels)[None],
+                    "position_ids": torch.from_numpy(positions)[None], "logits_to_keep": (targets != IGNORE).nonzero().flatten()}
+        width = max(len(i) for i in ids)
+        batch = {"input_ids": torch.full((len(ids), width), self.pad_token_id), "labels": torch.full((len(ids), width), IGNORE),
+                 "attention_mask": torch.zeros((len(ids), width), dtype=torch.long)}
+        for row, (i, l) in enumerate(zip(ids, labels)):
+            batch["input_ids"][row, :len(i)] = torch.from_numpy(i)
+            batch["labels"][row, :len(l)] = torch.from_numpy(l)
+            batch["attention_mask"][row, :len(i)] = 1
+        return batch

@@ -120,6 +120,18 @@ def resolve_model_path(name, local_files_only=False):
     return name
 
 
+def download_model_folder(path):
+    """A local folder for a resolved model path: a hub id is downloaded (config, weights, tokenizer) first.
+
+    The merge stage reads weight files itself, shard by shard, so it needs files rather than a model object.
+    """
+    if Path(path).is_dir():
+        return str(path)
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(path, allow_patterns=["*.json", "*.model", "*.txt", "*.safetensors", "*.jinja"])
+
+
 def device_supports_bf16(device="cpu"):
     """bf16 is fast on CUDA GPUs that support it and on CPUs with AVX512-BF16 or AMX."""
     if device == "cuda":
@@ -165,7 +177,7 @@ def quantization_config(bits, compute_dtype):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
 
 
-def load_model(path, dtype, bits=16, device_map=None, local_files_only=False):
+def load_model(path, dtype, bits=16, device_map=None, local_files_only=False, attn_implementation="sdpa"):
     """Load a causal LM from a resolved path in `dtype`, optionally quantized to 4 or 8 bits."""
     from transformers import AutoModelForCausalLM
 
@@ -174,7 +186,7 @@ def load_model(path, dtype, bits=16, device_map=None, local_files_only=False):
         device_map = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
     return AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, quantization_config=qconfig, device_map=device_map,
-        local_files_only=local_files_only, attn_implementation="sdpa",
+        local_files_only=local_files_only, attn_implementation=attn_implementation,
     )
 
 
