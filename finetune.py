@@ -230,7 +230,7 @@ def main(
         eval_steps=eval_steps or save_steps, activation_checkpointing=bool(gradient_checkpointing) and bits >= 16,
         activation_checkpointing_kwargs={"use_reentrant": False}, fp16=dtype == torch.float16, seed=seed, data_seed=seed,
         remove_unused_columns=False, report_to="none", use_cpu=device == "cpu", ddp_find_unused_parameters=False,
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen="all" if packing else "non_padding",  # a packed row has no padding
     )
     speed = throughput_callback()
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val or None,
