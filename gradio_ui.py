@@ -1,0 +1,209 @@
+"""A chat web page for a model, streaming token by token, in the prompt format it was trained with.
+
+    python gradio_ui.py                                      # the built-in model, on http://127.0.0.1:7860
+    python gradio_ui.py --lora_model=output/                 # a finetune.py output folder (base + adapter)
+    python gradio_ui.py --model_path=models/merged --num_gpus=2 --input_pattern=prompt --load_8bit=False
+    python gradio_ui.py --lora_model=output/ --server_name=0.0.0.0 --server_port=8080 --auth=alice:secret
+
+Every browser session has its own conversation. Stop ends an answer at once, Regenerate asks the last
+question again, Clear forgets the conversation. Conversations longer than the context lose their
+oldest turns; a question longer than the context keeps its end.
+"""
+import threading
+from pathlib import Path
+
+from cli_demo import as_bool, pick_template
+from utils.errors import UserError, run_cli
+
+PARAMS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size", "do_sample")
+
+
+def parse_auth(auth):
+    """--auth user:pass, several joined by commas, or a file with one user:pass a line; None for no login."""
+    if auth is None or auth == "":
+        return None
+    text = str(auth)
+    if Path(text).expanduser().is_file():
+        where, entries = text, [line.strip() for line in Path(text).expanduser().read_text(encoding="utf-8").splitlines()]
+    else:
+        where, entries = "--auth", [part.strip() for part in text.split(",")]
+    pairs = [tuple(e.split(":", 1)) for e in entries if e and not e.startswith("#")]
+    if not pairs or any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
+        raise UserError(f"{where} must hold user:password entries (or be a file with one a line); got {text!r}.")
+    return pairs
+
+
+def to_messages(pairs):
+    """(question, answer) turns to the Chatbot's list of role/content messages."""
+    return [{"role": role, "content": text} for q, a in pairs for role, text in (("user", q), ("assistant", a))]
+
+
+def build_demo(model, tokenizer, template, settings, title="lora-kit chat", context_len=None, concurrency=2):
+    """The page: chat, system prompt, generation sliders, Send, Stop, Regenerate, Clear; queue enabled."""
+    import gradio as gr
+
+    from utils import generation
+
+    context = context_len or generation.context_length(model)
+    running = {}  # session hash -> stop Event of the answer that session is generating
+
+    def generate(query, pairs, system, params, seed, request):
+        try:
+            chosen = generation.check_settings(**params)
+            seed = None if seed is None or int(seed) < 0 else int(seed)
+            stream = generation.stream_chat(model, tokenizer, template, query, pairs, system or "", chosen, seed,
+                                            threading.Event(), context)
+        except UserError as e:
+            raise gr.Error(str(e)) from None
+        key = request.session_hash
+        running[key] = stream.stop_event
+        kept = stream.prompt.history
+        if stream.prompt.dropped_turns:
+            gr.Warning(f"The {stream.prompt.dropped_turns} oldest turn(s) no longer fit the context and were left out.")
+        if stream.prompt.query_trimmed:
+            gr.Warning("The message is longer than the context; only its end was sent.")
+        try:
+            for _ in stream:
+                yield to_messages(kept + [(query, stream.text)]), kept + [(query, stream.text)]
+        finally:  # the page closed or the event was cancelled: free the CPU at once
+            stream.stop()
+            if running.get(key) is stream.stop_event:
+                running.pop(key, None)
+        yield to_messages(kept + [(query, stream.text)]), kept + [(query, stream.text)]
+
+    def send(message, pairs, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
+             no_repeat_ngram_size, do_sample, seed, request: gr.Request):
+        params = dict(zip(PARAMS, (max_new_tokens, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size, do_sample)))
+        if not message or not message.strip():
+            yield to_messages(pairs), pairs, message
+            return
+        yield to_messages(pairs + [(message, "")]), pairs, ""
+        for shown, new_pairs in generate(message, pairs, system, params, seed, request):
+            yield shown, new_pairs, ""
+
+    def regenerate(pairs, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
+                   no_repeat_ngram_size, do_sample, seed, request: gr.Request):
+        params = dict(zip(PARAMS, (max_new_tokens, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size, do_sample)))
+        if not pairs:
+            yield to_messages(pairs), pairs
+            return
+        yield from generate(pairs[-1][0], pairs[:-1], system, params, seed, request)
+
+    def stop(request: gr.Request):
+        event = running.get(request.session_hash)
+        if event is not None:
+            event.set()
+
+    with gr.Blocks(title=title) as demo:
+        gr.Markdown(f"### {title}")
+        pairs = gr.State([])  # this session's (question, answer) turns
+        chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="chatbot", buttons=["copy"])
+        with gr.Row():
+            message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=8,
+                                 lines=1, max_lines=8, elem_id="message")
+            send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+        with gr.Row():
+            stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+            regen_btn = gr.Button("Regenerate", elem_id="regenerate")
+            clear_btn = gr.Button("Clear", elem_id="clear")
+        with gr.Accordion("System prompt and generation settings", open=False):
+            system = gr.Textbox(label="System prompt", placeholder=template.system or "(the template's default)", lines=2)
+            controls = [
+                gr.Slider(1, max(1, context // 2), value=min(settings["max_new_tokens"], max(1, context // 2)), step=1, label="max_new_tokens"),
+                gr.Slider(0.0, 2.0, value=settings["temperature"], step=0.05, label="temperature (0: greedy)"),
+                gr.Slider(0.0, 1.0, value=settings["top_p"], step=0.01, label="top_p"),
+                gr.Slider(0, 200, value=settings["top_k"], step=1, label="top_k (0: no limit)"),
+                gr.Slider(1.0, 2.0, value=settings["repetition_penalty"], step=0.01, label="repetition_penalty"),
+                gr.Slider(0, 10, value=settings["no_repeat_ngram_size"], step=1, label="no_repeat_ngram_size (0: off)"),
+                gr.Checkbox(value=settings["do_sample"], label="do_sample"),
+                gr.Number(value=-1, precision=0, label="seed (-1: random)"),
+            ]
+        inputs = [message, pairs, system, *controls]
+        message.submit(send, inputs, [chatbot, pairs, message], api_name="chat")
+        send_btn.click(send, inputs, [chatbot, pairs, message], api_name=False)
+        regen_btn.click(regenerate, [pairs, system, *controls], [chatbot, pairs], api_name="regenerate")
+        stop_btn.click(stop, None, None, queue=False, api_name="stop")
+        clear_btn.click(stop, None, None, queue=False, api_name=False).then(
+            lambda: ([], []), None, [chatbot, pairs], queue=False, api_name="clear")
+        chatbot.clear(stop, None, None, queue=False, api_name=False).then(  # the chat's own trash icon
+            lambda: [], None, pairs, queue=False, api_name=False)
+    demo.queue(default_concurrency_limit=concurrency)
+    return demo
+
+
+def main(model_path: str = None, lora_model: str = None, base_model: str = None, template: str = "auto",
+         input_pattern: str = None, num_gpus: int = 1, load_8bit: bool = False, load_4bit: bool = False,
+         precision: str = "auto", local_files_only: bool = False,
+         # server
+         server_name: str = "127.0.0.1", server_port: int = None, share: bool = False, auth: str = None,
+         concurrency: int = 2,
+         # generation defaults shown on the page
+         max_new_tokens: int = 512, temperature: float = 0.7, top_p: float = 0.9, top_k: int = 40,
+         repetition_penalty: float = 1.1, no_repeat_ngram_size: int = 0, do_sample: bool = True,
+         max_context: int = None):
+    """Serve a chat page for a merged model, a LoRA adapter on its base, or the built-in model.
+
+    Args:
+        model_path: A merged (or any HF) model folder, or a hub id. With neither this nor --lora_model,
+            the built-in model is used.
+        lora_model: A finetune.py output folder (or a checkpoint-N inside it); its base model and template
+            come from its run_config.json.
+        base_model: Override the adapter's base model (a folder, hub id or builtin:smollm2).
+        template: Prompt template: auto (what training used, else the tokenizer's chat template), a name
+            from templates/ (alpaca, chatml, llama3, prompt, vicuna) or a template .json file.
+        input_pattern: The older project's name for --template.
+        num_gpus: Spread the model over this many GPUs with a device map; ignored on CPU.
+        load_8bit: Load the base model quantized to 8 bits (bitsandbytes).
+        load_4bit: Load the base model quantized to 4 bits (NF4).
+        precision: auto, bf16, fp16 or fp32 for the model weights.
+        local_files_only: Never contact the model hub.
+        server_name: The address to listen on; 0.0.0.0 opens the page to the network.
+        server_port: The port; default the first free one from 7860.
+        share: Also publish the page through a temporary public gradio.live link.
+        auth: Ask for a login, given as user and password joined by a colon (several joined by commas),
+            or a file with one such entry a line.
+        concurrency: How many answers are generated at the same time; more requests wait in the queue.
+        max_new_tokens: Default longest answer, in tokens (at most half the context).
+        temperature: Default sampling temperature; 0 means greedy decoding.
+        top_p: Default nucleus sampling threshold.
+        top_k: Default number of most likely tokens to sample among (0 means no limit).
+        repetition_penalty: Default penalty on repeating earlier tokens (above 1 discourages it).
+        no_repeat_ngram_size: Default size of n-grams that may not repeat (0 means off).
+        do_sample: Sample (True) or decode greedily (False) by default.
+        max_context: Tokens of prompt plus answer; default the model's context length.
+    """
+    from utils import generation
+
+    load_8bit, load_4bit = as_bool(load_8bit, "load_8bit"), as_bool(load_4bit, "load_4bit")
+    share, local_files_only = as_bool(share, "share"), as_bool(local_files_only, "local_files_only")
+    if load_8bit and load_4bit:
+        raise UserError("--load_8bit and --load_4bit exclude each other; pass only one.")
+    if model_path and lora_model:
+        raise UserError("--model_path and --lora_model exclude each other; pass a merged folder or an adapter folder.")
+    if server_port is not None and (not str(server_port).isdigit() or not 0 < int(server_port) < 65536):
+        raise UserError(f"--server_port must be a port number from 1 to 65535, got {server_port!r}.")
+    if not str(concurrency).isdigit() or int(concurrency) < 1:
+        raise UserError(f"--concurrency must be a whole number of at least 1, got {concurrency!r}.")
+    if max_context is not None and (not str(max_context).isdigit() or int(max_context) < 16):
+        raise UserError(f"--max_context must be an integer of at least 16, got {max_context!r}.")
+    settings = generation.check_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty,
+                                         no_repeat_ngram_size, as_bool(do_sample, "do_sample"))
+    logins = parse_auth(auth)
+    template = pick_template(template, input_pattern)
+
+    from utils.model import load_for_inference
+
+    model, tokenizer, template, _ = load_for_inference(
+        model_path=model_path, lora_model=lora_model, base_model=base_model, template=template,
+        bits=8 if load_8bit else 4 if load_4bit else 16, num_gpus=num_gpus, precision=precision,
+        local_files_only=local_files_only)
+    name = Path(str(lora_model or model_path)).name if (lora_model or model_path) else "built-in SmolLM2-135M-Instruct"
+    demo = build_demo(model, tokenizer, template, settings, title=f"lora-kit chat: {name}",
+                      context_len=int(max_context) if max_context else None, concurrency=int(concurrency))
+    print(f"Serving {name} (template {template.name}) on http://{server_name}:{server_port or 'first free port from 7860'}"
+          f"{' with a login' if logins else ''}{' and a public share link' if share else ''}.", flush=True)
+    demo.launch(server_name=str(server_name), server_port=int(server_port) if server_port else None, share=share, auth=logins)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,136 @@
+"""utils.generation: the prompt equals training's, stop tokens and strings, history trimming, Stop, seeds."""
+import copy
+import threading
+
+import pytest
+import torch
+
+from utils.data import IGNORE, encode_dialogs
+from utils.errors import UserError
+from utils.generation import Stream, build_prompt, chat, check_settings, stop_token_ids, stream_chat
+from utils.templates import load_template
+
+HISTORY = [("Hi", "Hello! How can I help?"), ("Name a colour.", "Blue.")]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from utils.model import load_for_inference
+
+    return load_for_inference(model_path=str(tiny_model_dir), precision="fp32")
+
+
+@pytest.mark.parametrize("name", ["auto", "alpaca", "chatml", "llama3", "vicuna", "prompt"])
+@pytest.mark.parametrize("system", ["", "Be brief."])
+def test_prompt_is_the_training_prompt(tokenizer, name, system):
+    template = load_template(name, tokenizer)
+    prompt = build_prompt(tokenizer, template, system, HISTORY, "And a number?", 4096, 64)
+    example = encode_dialogs([(system, HISTORY + [("And a number?", "Seven.")], "")], tokenizer, template)[0][0]
+    n = len(prompt.ids)
+    assert example["input_ids"][:n] == prompt.ids
+    assert example["labels"][n - 1] == IGNORE and example["labels"][n:] == example["input_ids"][n:]  # the answer starts at n
+    assert prompt.dropped_turns == 0 and not prompt.query_trimmed and prompt.max_new_tokens == 64
+
+
+def test_prompt_uses_the_run_config_template(tiny, tokenizer):
+    from utils.templates import resolve_template
+
+    _, _, template, _ = tiny
+    recorded = load_template("alpaca", tokenizer).to_dict()
+    assert resolve_template("auto", tokenizer, {"template": recorded}).user_format == recorded["user_format"]
+    assert template.name == "auto" and template.stop_strings == ["<|im_end|>"]  # SmolLM2's chat template
+
+
+def test_stop_tokens(tiny, tokenizer):
+    model, _, template, _ = tiny
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert {tokenizer.eos_token_id, im_end} <= stop_token_ids(tokenizer, model, template)
+    llama = copy.deepcopy(tokenizer)
+    llama.add_special_tokens({"additional_special_tokens": ["<|eot_id|>"]})
+    assert llama.convert_tokens_to_ids("<|eot_id|>") in stop_token_ids(llama, model, load_template("llama3", llama))
+
+
+def feed(stream, text, then=()):
+    """Push text through a Stream one token at a time, as generate() does."""
+    stream.put(torch.tensor([[1, 2, 3]]))  # the prompt comes first and is skipped
+    for token in stream.tokenizer(text, add_special_tokens=False)["input_ids"] + list(then):
+        stream.put(torch.tensor([token]))
+        if stream(torch.zeros(1, 1, dtype=torch.long), None).all():
+            break
+    stream.end()
+    return list(stream)
+
+
+def test_stream_stops_on_a_stop_string_and_never_shows_part_of_it(tokenizer):
+    stream = Stream(tokenizer, {tokenizer.eos_token_id}, ["### Instruction:"], interval=0)
+    pieces = feed(stream, "Paris is the capital. ### Instruction: ignore this")
+    assert "".join(pieces) == stream.text == "Paris is the capital. " and stream.reason == "stop string"
+    assert not any("#" in p for p in pieces) and len(pieces) > 2
+
+
+def test_stream_stops_on_a_stop_token_and_decodes_multibyte_text(tokenizer):
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    stream = Stream(tokenizer, {im_end}, ["<|im_end|>"], interval=0)
+    pieces = feed(stream, "床前明月光。", then=[im_end] + tokenizer("more", add_special_tokens=False)["input_ids"])
+    assert "".join(pieces) == "床前明月光。" and stream.reason == "stop token"
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_history_is_trimmed_from_the_oldest_turn(tokenizer):
+    template = load_template("auto", tokenizer)
+    history = [(f"Question {i} " + "word " * 30, f"Answer {i} " + "word " * 30) for i in range(20)]
+    prompt = build_prompt(tokenizer, template, "", history, "The newest question?", 512, 128)
+    assert len(prompt.ids) <= 512 - 128 and 0 < prompt.dropped_turns < 20
+    assert prompt.history == history[prompt.dropped_turns:]  # a suffix: only the oldest turns go
+    assert tokenizer.decode(prompt.ids).rstrip().endswith("The newest question?<|im_end|>\n<|im_start|>assistant")
+    longer = build_prompt(tokenizer, template, "", history, "The newest question?", 512 + 200, 128)
+    assert longer.dropped_turns < prompt.dropped_turns
+
+
+def test_an_overlong_question_keeps_its_end(tokenizer):
+    template = load_template("auto", tokenizer)
+    query = "start " + "filler " * 2000 + "THE END"
+    prompt = build_prompt(tokenizer, template, "", HISTORY, query, 256, 1000)
+    assert prompt.max_new_tokens == 128 and len(prompt.ids) <= 128 and prompt.query_trimmed
+    assert prompt.history == [] and prompt.query.endswith("THE END") and not prompt.query.startswith("start")
+    with pytest.raises(UserError, match="system prompt alone"):
+        build_prompt(tokenizer, template, "long " * 500, [], "hi", 256, 16)
+
+
+def test_settings_are_checked_together():
+    assert check_settings() == {"max_new_tokens": 512, "temperature": 0.7, "top_p": 0.9, "top_k": 40,
+                                "repetition_penalty": 1.1, "no_repeat_ngram_size": 0, "do_sample": True}
+    assert check_settings(temperature=0)["do_sample"] is False
+    assert check_settings(max_new_tokens="20", do_sample="False")["max_new_tokens"] == 20
+    with pytest.raises(UserError, match=r"--max_new_tokens must be an integer.*--top_p=1.5 is out of range"):
+        check_settings(top_p=1.5, max_new_tokens="many")
+
+
+def test_streaming_gives_what_plain_generate_gives(tiny):
+    model, tokenizer, template, _ = tiny
+    settings = {"max_new_tokens": 24, "do_sample": False, "repetition_penalty": 1.0}
+    stream = stream_chat(model, tokenizer, template, "Hello there", HISTORY, "", settings)
+    pieces = list(stream)
+    ids = torch.tensor([stream.prompt.ids])
+    plain = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                           eos_token_id=sorted(stop_token_ids(tokenizer, model, template)), pad_token_id=tokenizer.pad_token_id)
+    expected = tokenizer.decode(plain[0, ids.shape[1]:], skip_special_tokens=True)
+    assert "".join(pieces) == stream.text == expected and len(pieces) > 1
+
+
+def test_seed_makes_sampling_reproducible(tiny):
+    model, tokenizer, template, _ = tiny
+    settings = {"max_new_tokens": 16, "temperature": 1.0}
+    first = chat(model, tokenizer, template, "Tell me something", settings=settings, seed=7)
+    assert chat(model, tokenizer, template, "Tell me something", settings=settings, seed=7) == first
+    assert chat(model, tokenizer, template, "Tell me something", settings=settings, seed=8) != first
+
+
+def test_stop_event_ends_the_answer_at_once(tiny):
+    model, tokenizer, template, _ = tiny
+    event = threading.Event()
+    stream = stream_chat(model, tokenizer, template, "Go on forever", settings={"max_new_tokens": 500}, seed=0, stop_event=event)
+    for _ in stream:
+        event.set()
+    assert stream.reason == "stopped" and len(stream.tokens) < 20
+    assert not stream.thread.is_alive()

@@ -1,0 +1,279 @@
+"""Generation for the chat stages: the training prompt, history trimming, streaming, stop tokens, Stop.
+
+The prompt comes from utils.data.encode_prompt, the code that built the training examples, so a model is
+asked in exactly the form it learned. Tokens stream from a worker thread through `Stream`, which is both
+the streamer and a stopping criterion: it ends the answer on any stop token or stop string, and at once
+when its `stop_event` is set (Ctrl-C in the terminal, the Stop button on the page).
+"""
+import contextlib
+import dataclasses
+import queue
+import threading
+import time
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from utils.data import encode_prompt
+from utils.errors import UserError
+
+# Sampling with a mild repetition penalty: greedy decoding is what makes small models loop forever.
+DEFAULTS = {"max_new_tokens": 512, "temperature": 0.7, "top_p": 0.9, "top_k": 40,
+            "repetition_penalty": 1.1, "no_repeat_ngram_size": 0, "do_sample": True}
+END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>", "</s>")
+# torch samples from one global generator: seeded generations take turns, and a seed reproduces an answer
+# when no unseeded sampling runs beside it (the terminal, or one web user at a time).
+_SEEDED = threading.Lock()
+
+
+def check_settings(max_new_tokens=None, temperature=None, top_p=None, top_k=None, repetition_penalty=None,
+                   no_repeat_ngram_size=None, do_sample=None):
+    """Generation settings with defaults filled in and types converted (fire may pass strings or ints);
+    raises one UserError listing every bad value."""
+    given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                 repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, do_sample=do_sample)
+    rules = {"max_new_tokens": (int, 1, None), "temperature": (float, 0.0, None), "top_p": (float, 0.0, 1.0),
+             "top_k": (int, 0, None), "repetition_penalty": (float, 0.0, None), "no_repeat_ngram_size": (int, 0, None)}
+    settings, problems = {}, []
+    for name, value in given.items():
+        value = DEFAULTS[name] if value is None else value
+        if name == "do_sample":
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                value = value.lower() == "true"
+            if not isinstance(value, bool):
+                problems.append(f"--do_sample must be True or False, got {value!r}")
+            settings[name] = value
+            continue
+        kind, low, high = rules[name]
+        try:
+            number = kind(value)
+            if isinstance(value, bool) or (kind is int and float(value) != number):
+                raise ValueError
+        except (TypeError, ValueError):
+            problems.append(f"--{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+            continue
+        if number < low or (high is not None and number > high) or (name == "repetition_penalty" and number == 0):
+            problems.append(f"--{name}={value!r} is out of range ({'above 0' if name == 'repetition_penalty' else f'at least {low}'}"
+                            f"{f' and at most {high}' if high is not None else ''})")
+        settings[name] = number
+    if problems:
+        raise UserError("bad generation settings: " + "; ".join(problems) + ".")
+    if settings["temperature"] == 0:  # the usual meaning of temperature 0
+        settings["do_sample"] = False
+    return settings
+
+
+def stop_token_ids(tokenizer, model, template):
+    """Every id that ends an answer: EOS (tokenizer's and generation config's), the end-of-turn tokens
+    the vocabulary has, and the template's stop strings that are single tokens."""
+    ids = {tokenizer.eos_token_id}
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    for token in (*END_TOKENS, *template.stop_strings):  # get_vocab() would cost tens of ms per answer
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and tokenizer.convert_ids_to_tokens(token_id) == token:
+            ids.add(token_id)
+    return {i for i in ids if isinstance(i, int)}
+
+
+def context_length(model, default=2048):
+    """How many tokens the model attends over (prompt plus answer)."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return default
+
+
+@dataclasses.dataclass
+class Prompt:
+    ids: list
+    history: list  # the turns that fit, oldest first
+    query: str  # the question as sent (its end only, when it alone overflowed)
+    max_new_tokens: int
+    dropped_turns: int = 0
+    query_trimmed: bool = False
+
+
+def build_prompt(tokenizer, template, system, history, query, context_len, max_new_tokens):
+    """The training-identical prompt, trimmed to leave room for the answer within context_len.
+
+    The oldest turns go first; if the question alone is still too long, its beginning is cut, so the
+    newest text always reaches the model. The answer gets at most half the context.
+    """
+    max_new = max(1, min(int(max_new_tokens), context_len // 2))
+    budget = context_len - max_new
+    history = [tuple(turn) for turn in history]
+    dropped = 0
+    ids = encode_prompt(tokenizer, template, system, history, query)
+    while len(ids) > budget and history:
+        history.pop(0)
+        dropped += 1
+        ids = encode_prompt(tokenizer, template, system, history, query)
+    trimmed = False
+    if len(ids) > budget:
+        tokens = tokenizer(query, add_special_tokens=False)["input_ids"]
+        while len(ids) > budget and tokens:
+            tokens = tokens[len(ids) - budget:]  # re-tokenizing the cut text can differ slightly: loop
+            query, trimmed = tokenizer.decode(tokens), True
+            ids = encode_prompt(tokenizer, template, system, history, query)
+    if len(ids) > budget:
+        raise UserError(f"the system prompt alone takes {len(ids)} tokens, more than the {budget} this model leaves for a prompt; shorten the system prompt.")
+    return Prompt(ids, history, query, max_new, dropped, trimmed)
+
+
+class Stream(BaseStreamer, StoppingCriteria):
+    """Streamer and stopping criterion in one: yields text pieces as the model writes them.
+
+    Text is held back while it ends in a partial UTF-8 character or could be the start of a stop
+    string, so a reader never sees text that is later taken back.
+    """
+
+    def __init__(self, tokenizer, stop_ids, stop_strings=(), stop_event=None, interval=0.02):
+        self.tokenizer, self.stop_ids = tokenizer, set(stop_ids)
+        self.stop_strings = [s for s in stop_strings if s]
+        self.stop_event = stop_event or threading.Event()
+        self.tokens, self.text, self.sent = [], "", 0
+        self._prefix, self._read = 0, 0  # self.tokens[_prefix:_read] is the decoded context of the newest tokens
+        self.finished, self.reason, self.error = False, None, None
+        self._prompt_seen = False
+        self._queue = queue.Queue()
+        self.interval, self._pending, self._emitted = interval, "", 0.0
+        self.thread, self.prompt = None, None
+
+    def put(self, value):
+        if not self._prompt_seen:  # generate() hands over the prompt first
+            self._prompt_seen = True
+            return
+        if self.finished:
+            return
+        for token in value.reshape(-1).tolist():
+            if token in self.stop_ids:
+                self._finish("stop token")
+                return
+            self.tokens.append(token)
+        # Decode only the last few tokens: a token's text can depend on its neighbours (spaces, UTF-8
+        # bytes split across tokens), so the newest tokens are decoded with the one before them.
+        before = self.tokenizer.decode(self.tokens[self._prefix:self._read], skip_special_tokens=True)
+        after = self.tokenizer.decode(self.tokens[self._prefix:], skip_special_tokens=True)
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return  # an incomplete character: wait for the next token
+        start = max(0, len(self.text) - max((len(stop) for stop in self.stop_strings), default=0))
+        self.text += after[len(before):]
+        self._prefix, self._read = self._read, len(self.tokens)
+        for stop in self.stop_strings:
+            at = self.text.find(stop, start)
+            if at >= 0:
+                self.text = self.text[:at]
+                self._finish("stop string")
+                return
+        safe = len(self.text)
+        for stop in self.stop_strings:  # hold back what may be the start of a stop string
+            for n in range(min(len(stop) - 1, safe), 0, -1):
+                if self.text.endswith(stop[:n]):
+                    safe = min(safe, len(self.text) - n)
+                    break
+        if safe > self.sent:
+            self._emit(self.text[self.sent:safe])
+            self.sent = safe
+
+    def _emit(self, piece, flush=False):
+        """Hand text to the reader, at most every `interval` seconds: waking the reading thread for each
+        of many fast tokens costs more than the tokens; a slow token is always handed over at once."""
+        self._pending += piece
+        now = time.perf_counter()
+        if self._pending and (flush or now - self._emitted >= self.interval):
+            self._queue.put(self._pending)
+            self._pending, self._emitted = "", now
+
+    def _finish(self, reason):
+        self.finished, self.reason = True, self.reason or reason
+        self._emit(self.text[self.sent:], flush=True)
+        self.sent = len(self.text)
+
+    def end(self):
+        if not self.finished:
+            self._finish("stopped" if self.stop_event.is_set() else "length")
+        self._queue.put(None)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = self.finished or self.stop_event.is_set()
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+    def __iter__(self):
+        while True:
+            try:
+                piece = self._queue.get(timeout=0.05)
+            except queue.Empty:
+                if self.thread is not None and not self.thread.is_alive() and self._queue.empty():
+                    break
+                continue
+            if piece is None:
+                break
+            yield piece
+        if self.thread is not None:  # a thread left inside torch at interpreter exit aborts the process
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self):
+        """End the answer at the next token (safe to call from any thread, or a signal handler)."""
+        self.stop_event.set()
+
+
+def generation_kwargs(settings, stop_ids, pad_id):
+    kwargs = dict(max_new_tokens=settings["max_new_tokens"], do_sample=settings["do_sample"],
+                  repetition_penalty=settings["repetition_penalty"], eos_token_id=sorted(stop_ids), pad_token_id=pad_id)
+    if settings["no_repeat_ngram_size"]:
+        kwargs["no_repeat_ngram_size"] = settings["no_repeat_ngram_size"]
+    if settings["do_sample"]:
+        kwargs.update(temperature=settings["temperature"], top_p=settings["top_p"], top_k=settings["top_k"])
+    else:  # the model's own sampling defaults would otherwise warn against greedy decoding
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+def stream_chat(model, tokenizer, template, query, history=(), system="", settings=None, seed=None,
+                stop_event=None, context_len=None):
+    """Start an answer in a worker thread and return its Stream; iterate it for text pieces.
+
+    After iteration: stream.text is the whole answer, stream.reason why it ended ("stop token",
+    "stop string", "length", "stopped"), stream.prompt the trimmed Prompt that was sent.
+    """
+    settings = check_settings(**(settings or {}))
+    prompt = build_prompt(tokenizer, template, system, history, query, context_len or context_length(model),
+                          settings["max_new_tokens"])
+    settings["max_new_tokens"] = prompt.max_new_tokens
+    stop_ids = stop_token_ids(tokenizer, model, template)
+    stream = Stream(tokenizer, stop_ids, template.stop_strings, stop_event)
+    stream.prompt = prompt
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([prompt.ids], device=device)
+    kwargs = generation_kwargs(settings, stop_ids, tokenizer.pad_token_id)
+
+    def work():
+        try:
+            with _SEEDED if seed is not None else contextlib.nullcontext():
+                if seed is not None:
+                    torch.manual_seed(int(seed))
+                with torch.inference_mode():
+                    model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=stream,
+                                   stopping_criteria=StoppingCriteriaList([stream]), **kwargs)
+        except Exception as e:  # shown to the reader by Stream.__iter__, not lost in the thread
+            stream.error = e
+            stream._queue.put(None)
+
+    stream.thread = threading.Thread(target=work, name="lora-kit-generate", daemon=True)
+    stream.thread.start()
+    return stream
+
+
+def chat(model, tokenizer, template, query, history=(), system="", settings=None, seed=None, stop_event=None,
+         context_len=None):
+    """The whole answer at once (the same path as streaming, so both give the same text for a seed)."""
+    stream = stream_chat(model, tokenizer, template, query, history, system, settings, seed, stop_event, context_len)
+    for _ in stream:
+        pass
+    return stream.text
