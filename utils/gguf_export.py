@@ -1,0 +1,267 @@
+"""HF LLaMA folder -> one GGUF file that llama.cpp (and Ollama) load: tensors, hyperparameters, tokenizer.
+
+Written with the gguf package's GGUFWriter, following llama.cpp's conventions for the `llama` architecture:
+its tensor names, Q/K rows permuted from HF's rotate-half layout to llama.cpp's interleaved pairs, norms
+kept in f32. Types: f32, f16, bf16 and q8_0 (what the gguf package can write); for k-quants, run
+llama.cpp's `llama-quantize model-f16.gguf model-q4_k_m.gguf Q4_K_M` on the f16 file.
+"""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from utils.errors import UserError
+
+TYPES = ("f32", "f16", "bf16", "q8_0")
+LAYER_NAMES = {
+    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+
+
+def permute_qk(weight, heads):
+    """HF stores each head's rotary dims as two halves; llama.cpp's rope wants them as interleaved pairs."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def gguf_name(hf_name):
+    if hf_name in TOP_NAMES:
+        return TOP_NAMES[hf_name]
+    parts = hf_name.split(".")
+    if hf_name.startswith("model.layers.") and parts[-1] in ("weight", "bias"):
+        short = LAYER_NAMES.get(".".join(parts[3:-1]))
+        if short:
+            return f"blk.{parts[2]}.{short}.{parts[-1]}"
+    return None
+
+
+def read_weights(folder):
+    """Yield (name, float32 numpy array) from the folder's safetensors files, one tensor at a time."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    if not all((folder / f).is_file() for f in files):
+        raise UserError(f"{folder} has no model.safetensors (or its shards); export needs safetensors weights, e.g. a merge_lora.py output folder.")
+    for f in files:
+        with safe_open(str(folder / f), "pt") as st:
+            for name in st.keys():
+                yield name, st.get_tensor(name).float().numpy()
+
+
+def rope_settings(config, head_dim):
+    """(theta, scaling kv pairs, optional rope_freqs tensor) from config.rope_parameters / rope_scaling."""
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return theta, {}, None
+    if kind == "linear":
+        return theta, {"linear": params["factor"]}, None
+    if kind == "llama3":  # llama.cpp applies LLaMA-3.1's frequency-dependent factors from a rope_freqs tensor
+        factor, low, high = params["factor"], params.get("low_freq_factor", 1.0), params.get("high_freq_factor", 4.0)
+        old = params.get("original_max_position_embeddings", 8192)
+        factors = []
+        for freq in 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim):
+            wavelen = 2 * math.pi / freq
+            if wavelen < old / high:
+                factors.append(1.0)
+            elif wavelen > old / low:
+                factors.append(factor)
+            else:
+                smooth = (old / wavelen - low) / (high - low)
+                factors.append(1 / ((1 - smooth) / factor + smooth))
+        return theta, {}, np.array(factors, dtype=np.float32)
+    raise UserError(f"rope type {kind!r} is not supported by this exporter (default, linear, llama3 are); use llama.cpp's convert_hf_to_gguf.py.")
+
+
+def bpe_pre(tokenizer_json):
+    """llama.cpp's pre-tokenizer name for a GPT-2-style byte-level BPE tokenizer.json, read from its structure."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"  # llama.cpp spells the pre-tokenizer with a hyphen (the tokenizer model is "gpt2")
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"  # GPT-2's split after isolating every digit
+    if kinds == ["Split", "ByteLevel"] and "\\p{N}{1,3}" in json.dumps(steps[0]) and not steps[1].get("use_regex", True):
+        return "llama-bpe"
+    raise UserError(f"the tokenizer's pre-tokenizer ({' + '.join(map(str, kinds))}) has no known llama.cpp name here; use llama.cpp's convert_hf_to_gguf.py for this model.")
+
+
+def tokenizer_vocab(folder, tokenizer, vocab_size):
+    """(model, pre, tokens, types, scores or None, merges or None), padded to the embedding's vocab_size."""
+    from gguf import TokenType
+
+    tj_path = folder / "tokenizer.json"
+    tj = json.loads(tj_path.read_text(encoding="utf-8")) if tj_path.is_file() else {}
+    if tj.get("model", {}).get("type") == "BPE" and not tj["model"].get("byte_fallback"):
+        vocab = tj["model"]["vocab"]
+        added = {t["id"]: t for t in tj.get("added_tokens", [])}
+        tokens, types = [], []
+        by_id = {i: tok for tok, i in vocab.items()} | {i: t["content"] for i, t in added.items()}
+        for i in range(max(by_id) + 1):
+            tokens.append(by_id.get(i, f"[PAD{i}]"))
+            types.append(TokenType.UNUSED if i not in by_id else
+                         (TokenType.CONTROL if added[i]["special"] else TokenType.USER_DEFINED) if i in added else TokenType.NORMAL)
+        merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"].get("merges", [])]
+        model, pre, scores = "gpt2", bpe_pre(tj), None
+    elif (folder / "tokenizer.model").is_file():  # LLaMA-2-style SentencePiece
+        from sentencepiece import SentencePieceProcessor
+
+        sp = SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+        tokens, types, scores = [], [], []
+        for i in range(sp.vocab_size()):
+            tokens.append(sp.id_to_piece(i))
+            scores.append(sp.get_score(i))
+            types.append(TokenType.UNKNOWN if sp.is_unknown(i) else TokenType.CONTROL if sp.is_control(i) else
+                         TokenType.UNUSED if sp.is_unused(i) else TokenType.BYTE if sp.is_byte(i) else TokenType.NORMAL)
+        for token, i in sorted(tokenizer.get_added_vocab().items(), key=lambda kv: kv[1]):
+            if i >= len(tokens):
+                tokens.append(token)
+                scores.append(-1000.0)
+                types.append(TokenType.CONTROL if token in tokenizer.all_special_tokens else TokenType.USER_DEFINED)
+        model, pre, merges = "llama", "default", None
+    else:
+        raise UserError(f"{folder} has neither a byte-level BPE tokenizer.json nor a SentencePiece tokenizer.model; use llama.cpp's convert_hf_to_gguf.py.")
+    if len(tokens) > vocab_size:
+        raise UserError(f"{folder}: the tokenizer has {len(tokens)} tokens but the embedding only {vocab_size} rows.")
+    for i in range(len(tokens), vocab_size):  # embedding rows beyond the tokenizer, as llama.cpp pads them
+        tokens.append(f"[PAD{i}]")
+        types.append(TokenType.UNUSED)
+        if scores is not None:
+            scores.append(-1000.0)
+    return model, pre, tokens, types, scores, merges
+
+
+def convert(array, name, outtype):
+    """(data, raw_dtype) in the output type; 1-D tensors (norms) and rows not a multiple of 32 stay wider."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+
+    if array.ndim == 1 or outtype == "f32":
+        return array.astype(np.float32), None
+    if outtype == "f16":
+        return array.astype(np.float16), None
+    if outtype == "bf16":
+        return quantize(array, Q.BF16), Q.BF16
+    if array.shape[-1] % 32:
+        return array.astype(np.float16), None
+    return quantize(array, Q.Q8_0), Q.Q8_0
+
+
+def write_gguf(folder, path, outtype, config, tokenizer, name):
+    """Write the GGUF file; returns the number of tensors written."""
+    import gguf
+
+    if outtype not in TYPES:
+        raise UserError(f"--outtype={outtype!r} is not one of {', '.join(TYPES)}; for k-quants run llama.cpp's llama-quantize on the f16 file.")
+    if getattr(config, "model_type", None) != "llama":
+        raise UserError(f"{folder}/config.json has model_type {getattr(config, 'model_type', None)!r}; this exporter writes LLaMA-architecture models only.")
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    theta, scaling, rope_freqs = rope_settings(config, head_dim)
+    model, pre, tokens, types, scores, merges = tokenizer_vocab(folder, tokenizer, config.vocab_size)
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name(name)
+    w.add_vocab_size(config.vocab_size)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    if head_dim != config.hidden_size // heads:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(float(theta))
+    w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    if "linear" in scaling:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(scaling["linear"]))
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    w.add_tokenizer_model(model)
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    if scores is not None:
+        w.add_token_scores(scores)
+    if merges is not None:
+        w.add_token_merges(merges)
+    for key, value in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id), ("unk", tokenizer.unk_token_id),
+                       ("pad", tokenizer.pad_token_id)):
+        if value is not None:
+            getattr(w, f"add_{key}_token_id")(value)
+    adds_bos = tokenizer.bos_token_id is not None and tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]
+    w.add_add_bos_token(adds_bos)
+    w.add_add_eos_token(False)
+    if model == "llama":
+        w.add_add_space_prefix(True)
+    if tokenizer.chat_template:
+        w.add_chat_template(tokenizer.chat_template)
+
+    tied = getattr(config, "tie_word_embeddings", False)
+    unknown, count = [], 0
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs)
+        count += 1
+    for hf_name, array in read_weights(folder):
+        target = gguf_name(hf_name)
+        if target is None:
+            if not hf_name.endswith("rotary_emb.inv_freq"):
+                unknown.append(hf_name)
+            continue
+        if target == "output.weight" and tied:
+            continue  # llama.cpp reads token_embd for the output projection when output.weight is absent
+        if target.endswith("attn_q.weight"):
+            array = permute_qk(array, heads)
+        elif target.endswith("attn_k.weight"):
+            array = permute_qk(array, kv_heads)
+        data, raw = convert(array, target, outtype)
+        w.add_tensor(target, data, raw_dtype=raw)
+        count += 1
+    if unknown:  # raised before the header is written, so no partial file is left behind
+        raise UserError(f"{folder} holds tensors a LLaMA GGUF has no place for ({', '.join(unknown[:3])}...); merge adapters first with merge_lora.py.")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return count
+
+
+def modelfile(gguf_path, tokenizer):
+    """An Ollama Modelfile next to the GGUF: FROM it; ChatML models get their TEMPLATE and stop token."""
+    lines = [f"FROM ./{Path(gguf_path).name}"]
+    template = tokenizer.chat_template or ""
+    if "<|im_start|>" in template:
+        lines += ['TEMPLATE """{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
+                  '{{ if .Prompt }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}<|im_start|>assistant\n{{ .Response }}<|im_end|>\n"""',
+                  'PARAMETER stop "<|im_end|>"']
+    elif tokenizer.eos_token:
+        lines.append(f'PARAMETER stop "{tokenizer.eos_token}"')
+    return "\n".join(lines) + "\n"
+
+
+def llama_cpp_greedy(gguf_path, prompt_ids, max_new_tokens=16):
+    """llama.cpp's greedy continuation (token ids) of each prompt, through llama-cpp-python."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf_path), n_ctx=512, n_threads=2, verbose=False, logits_all=False)
+    outs = []
+    for ids in prompt_ids:
+        llm.reset()
+        out = []
+        for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            out.append(int(token))
+            if len(out) == max_new_tokens:
+                break
+        outs.append(out)
+    return outs, llm
