@@ -61,7 +61,7 @@ def main(
     # LoRA
     lora_r: int = 8,
     lora_alpha: int = 16,
-    lora_dropout: float = 0.05,
+    lora_dropout: float = 0.0,
     lora_target_modules="auto",
     modules_to_save=None,
     # quantization and precision
@@ -106,7 +106,7 @@ def main(
         data_cache: reuse tokenized data from the cache (keyed by a hash of the data, tokenizer and settings).
         lora_r: LoRA rank.
         lora_alpha: LoRA alpha (the update is scaled by alpha / r).
-        lora_dropout: dropout on the LoRA input.
+        lora_dropout: dropout on the LoRA input (0 by default: on a CPU its random masks cost about a fifth of each step).
         lora_target_modules: "auto" (every linear projection in the decoder layers) or names, e.g. q_proj,v_proj.
         modules_to_save: modules trained in full and saved with the adapter, e.g. embed_tokens,lm_head.
         use_8bit: load the base model in 8 bits (bitsandbytes).
