@@ -111,6 +111,26 @@ def to_dialog(rec, where):
     return system, [tuple(p) for p in history] + [(instruction, output)], input_text
 
 
+def _no_gc(fn):
+    """Run fn with the cyclic garbage collector paused: loading builds millions of small, acyclic objects,
+    and each full collection would walk all of them again (about a third of the time on 50 000 records)."""
+    import functools
+    import gc
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if enabled:
+                gc.enable()
+
+    return wrapper
+
+
+@_no_gc
 def read_dialogs(data_path, flag="data_path"):
     """All records of --data_path as validated dialogs; needs no tokenizer, so it runs before any load."""
     dialogs = []
@@ -166,6 +186,7 @@ def _truncate(ids, labels, answer_start, cutoff_len, keep_first, eos_id):
     return ctx_ids + ans_ids, ctx_labels + ans_labels
 
 
+@_no_gc
 def encode_dialogs(dialogs, tokenizer, template, cutoff_len=None, train_on_inputs=False):
     """Tokenize and mask dialogs; returns (examples, stats).
 
@@ -269,6 +290,7 @@ def cache_key(data_paths, tokenizer, settings):
     return h.hexdigest()[:24]
 
 
+@_no_gc
 def cached(key, build, folder=None):
     """build() -> (examples, stats), stored under key in folder (default: the cache's data/); returns
     (examples, stats, hit)."""
