@@ -174,6 +174,7 @@ def main(
     model_path = resolve_model_path(base_model, local_files_only)
     tokenizer = load_tokenizer(model_path, local_files_only)
     tmpl = load_template(template, tokenizer)
+
     def encode(recs):
         if stage == "sft":
             return encode_dialogs(recs, tokenizer, tmpl, cutoff_len, train_on_inputs)
