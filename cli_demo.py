@@ -11,26 +11,10 @@ Ctrl-C during an answer stops that answer and returns to the prompt.
 """
 import sys
 
-from utils.errors import UserError, run_cli
+from utils.errors import UserError, as_bool, run_cli
+from utils.templates import pick_template  # noqa: F401  (the older --input_pattern, tested through this script)
 
 COMMANDS_HELP = "Commands: clear (forget the conversation), exit or quit (or Ctrl-D). Ctrl-C stops an answer."
-
-
-def as_bool(value, flag):
-    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-        return value.lower() in ("true", "1", "yes")
-    if isinstance(value, bool) or value in (0, 1):
-        return bool(value)
-    raise UserError(f"--{flag} must be True or False, got {value!r}.")
-
-
-def pick_template(template, input_pattern):
-    """--input_pattern is the older project's name for --template; both at once must agree."""
-    if input_pattern is None:
-        return str(template)
-    if template not in ("auto", input_pattern):
-        raise UserError(f"--template={template!r} and --input_pattern={input_pattern!r} disagree; pass only one of them.")
-    return str(input_pattern)
 
 
 def answer(ask, query, history, stream_output):
@@ -99,19 +83,13 @@ def main(model_path: str = None, lora_model: str = None, base_model: str = None,
     """
     from utils import generation
 
-    load_8bit, load_4bit = as_bool(load_8bit, "load_8bit"), as_bool(load_4bit, "load_4bit")
-    no_stream, local_files_only = as_bool(no_stream, "no_stream"), as_bool(local_files_only, "local_files_only")
-    if load_8bit and load_4bit:
-        raise UserError("--load_8bit and --load_4bit exclude each other; pass only one.")
-    if model_path and lora_model:
-        raise UserError("--model_path and --lora_model exclude each other; pass a merged folder or an adapter folder.")
+    load, max_context = generation.chat_model_flags(model_path, lora_model, base_model, template, input_pattern, num_gpus,
+                                         load_8bit, load_4bit, precision, local_files_only, max_context)
+    no_stream = as_bool(no_stream, "no_stream")
     if seed is not None and (isinstance(seed, bool) or not str(seed).lstrip("-").isdigit()):
         raise UserError(f"--seed must be an integer, got {seed!r}.")
-    if max_context is not None and (not str(max_context).isdigit() or int(max_context) < 16):
-        raise UserError(f"--max_context must be an integer of at least 16, got {max_context!r}.")
     settings = generation.check_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty,
                                          no_repeat_ngram_size, as_bool(do_sample, "do_sample"))
-    template = pick_template(template, input_pattern)
     one_shot = prompt is not None or not sys.stdin.isatty()
     query = str(prompt) if prompt is not None else (sys.stdin.read() if one_shot else None)
     if one_shot and not query.strip():
@@ -119,11 +97,8 @@ def main(model_path: str = None, lora_model: str = None, base_model: str = None,
 
     from utils.model import load_for_inference
 
-    model, tokenizer, template, _ = load_for_inference(
-        model_path=model_path, lora_model=lora_model, base_model=base_model, template=template,
-        bits=8 if load_8bit else 4 if load_4bit else 16, num_gpus=num_gpus, precision=precision,
-        local_files_only=local_files_only)
-    context = int(max_context) if max_context else generation.context_length(model)
+    model, tokenizer, template, _ = load_for_inference(**load)
+    context = max_context or generation.context_length(model)
 
     def ask(question, history):
         return generation.stream_chat(model, tokenizer, template, question, history, system, settings,

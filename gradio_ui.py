@@ -12,8 +12,7 @@ oldest turns; a question longer than the context keeps its end.
 import threading
 from pathlib import Path
 
-from cli_demo import as_bool, pick_template
-from utils.errors import UserError, run_cli
+from utils.errors import UserError, as_bool, run_cli
 
 PARAMS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size", "do_sample")
 
@@ -174,32 +173,23 @@ def main(model_path: str = None, lora_model: str = None, base_model: str = None,
     """
     from utils import generation
 
-    load_8bit, load_4bit = as_bool(load_8bit, "load_8bit"), as_bool(load_4bit, "load_4bit")
-    share, local_files_only = as_bool(share, "share"), as_bool(local_files_only, "local_files_only")
-    if load_8bit and load_4bit:
-        raise UserError("--load_8bit and --load_4bit exclude each other; pass only one.")
-    if model_path and lora_model:
-        raise UserError("--model_path and --lora_model exclude each other; pass a merged folder or an adapter folder.")
+    load, max_context = generation.chat_model_flags(model_path, lora_model, base_model, template, input_pattern, num_gpus,
+                                                    load_8bit, load_4bit, precision, local_files_only, max_context)
+    share = as_bool(share, "share")
     if server_port is not None and (not str(server_port).isdigit() or not 0 < int(server_port) < 65536):
         raise UserError(f"--server_port must be a port number from 1 to 65535, got {server_port!r}.")
     if not str(concurrency).isdigit() or int(concurrency) < 1:
         raise UserError(f"--concurrency must be a whole number of at least 1, got {concurrency!r}.")
-    if max_context is not None and (not str(max_context).isdigit() or int(max_context) < 16):
-        raise UserError(f"--max_context must be an integer of at least 16, got {max_context!r}.")
     settings = generation.check_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty,
                                          no_repeat_ngram_size, as_bool(do_sample, "do_sample"))
     logins = parse_auth(auth)
-    template = pick_template(template, input_pattern)
 
     from utils.model import load_for_inference
 
-    model, tokenizer, template, _ = load_for_inference(
-        model_path=model_path, lora_model=lora_model, base_model=base_model, template=template,
-        bits=8 if load_8bit else 4 if load_4bit else 16, num_gpus=num_gpus, precision=precision,
-        local_files_only=local_files_only)
+    model, tokenizer, template, _ = load_for_inference(**load)
     name = Path(str(lora_model or model_path)).name if (lora_model or model_path) else "built-in SmolLM2-135M-Instruct"
     demo = build_demo(model, tokenizer, template, settings, title=f"lora-kit chat: {name}",
-                      context_len=int(max_context) if max_context else None, concurrency=int(concurrency))
+                      context_len=max_context, concurrency=int(concurrency))
     print(f"Serving {name} (template {template.name}) on http://{server_name}:{server_port or 'first free port from 7860'}"
           f"{' with a login' if logins else ''}{' and a public share link' if share else ''}.", flush=True)
     demo.launch(server_name=str(server_name), server_port=int(server_port) if server_port else None, share=share, auth=logins)

@@ -16,7 +16,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from utils.data import encode_prompt
-from utils.errors import UserError
+from utils.errors import UserError, as_bool
+from utils.templates import pick_template
 
 # Sampling with a mild repetition penalty: greedy decoding is what makes small models loop forever.
 DEFAULTS = {"max_new_tokens": 512, "temperature": 0.7, "top_p": 0.9, "top_k": 40,
@@ -25,6 +26,22 @@ END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>", "<
 # torch samples from one global generator: seeded generations take turns, and a seed reproduces an answer
 # when no unseeded sampling runs beside it (the terminal, or one web user at a time).
 _SEEDED = threading.Lock()
+
+
+def chat_model_flags(model_path, lora_model, base_model, template, input_pattern, num_gpus, load_8bit, load_4bit,
+                     precision, local_files_only, max_context):
+    """Check the model-choosing flags both chat stages take; returns (load_for_inference kwargs, max_context)."""
+    load_8bit, load_4bit = as_bool(load_8bit, "load_8bit"), as_bool(load_4bit, "load_4bit")
+    if load_8bit and load_4bit:
+        raise UserError("--load_8bit and --load_4bit exclude each other; pass only one.")
+    if model_path and lora_model:
+        raise UserError("--model_path and --lora_model exclude each other; pass a merged folder or an adapter folder.")
+    if max_context is not None and (not str(max_context).isdigit() or int(max_context) < 16):
+        raise UserError(f"--max_context must be an integer of at least 16, got {max_context!r}.")
+    load = dict(model_path=model_path, lora_model=lora_model, base_model=base_model,
+                template=pick_template(template, input_pattern), bits=8 if load_8bit else 4 if load_4bit else 16,
+                num_gpus=num_gpus, precision=precision, local_files_only=as_bool(local_files_only, "local_files_only"))
+    return load, int(max_context) if max_context else None
 
 
 def check_settings(max_new_tokens=None, temperature=None, top_p=None, top_k=None, repetition_penalty=None,

@@ -155,3 +155,12 @@ def resolve_template(name, tokenizer, run_config=None):
     if run_config and isinstance(run_config.get("template"), dict):
         return Template(**run_config["template"])
     return load_template("auto", tokenizer)
+
+
+def pick_template(template, input_pattern):
+    """--input_pattern is the older project's name for --template; both at once must agree."""
+    if input_pattern is None:
+        return str(template)
+    if template not in ("auto", input_pattern):
+        raise UserError(f"--template={template!r} and --input_pattern={input_pattern!r} disagree; pass only one of them.")
+    return str(input_pattern)
