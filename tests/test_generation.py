@@ -50,28 +50,23 @@ def test_stop_tokens(tiny, tokenizer):
     assert llama.convert_tokens_to_ids("<|eot_id|>") in stop_token_ids(llama, model, load_template("llama3", llama))
 
 
-def feed(stream, text, then=()):
-    """Push text through a Stream one token at a time, as generate() does."""
-    stream.put(torch.tensor([[1, 2, 3]]))  # the prompt comes first and is skipped
-    for token in stream.tokenizer(text, add_special_tokens=False)["input_ids"] + list(then):
-        stream.put(torch.tensor([token]))
-        if stream(torch.zeros(1, 1, dtype=torch.long), None).all():
-            break
-    stream.end()
-    return list(stream)
+def feed(tokenizer, stop_ids, stop_strings, text, then=()):
+    """Stream text through a Stream one token at a time, as the decode loop hands them over."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + list(then)
+    stream = Stream(tokenizer, stop_ids, stop_strings, tokens=ids)
+    return stream, list(stream)
 
 
 def test_stream_stops_on_a_stop_string_and_never_shows_part_of_it(tokenizer):
-    stream = Stream(tokenizer, {tokenizer.eos_token_id}, ["### Instruction:"], interval=0)
-    pieces = feed(stream, "Paris is the capital. ### Instruction: ignore this")
+    stream, pieces = feed(tokenizer, {tokenizer.eos_token_id}, ["### Instruction:"], "Paris is the capital. ### Instruction: ignore this")
     assert "".join(pieces) == stream.text == "Paris is the capital. " and stream.reason == "stop string"
     assert not any("#" in p for p in pieces) and len(pieces) > 2
 
 
 def test_stream_stops_on_a_stop_token_and_decodes_multibyte_text(tokenizer):
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    stream = Stream(tokenizer, {im_end}, ["<|im_end|>"], interval=0)
-    pieces = feed(stream, "床前明月光。", then=[im_end] + tokenizer("more", add_special_tokens=False)["input_ids"])
+    stream, pieces = feed(tokenizer, {im_end}, ["<|im_end|>"], "床前明月光。",
+                          then=[im_end] + tokenizer("more", add_special_tokens=False)["input_ids"])
     assert "".join(pieces) == "床前明月光。" and stream.reason == "stop token"
     assert not any("\ufffd" in p for p in pieces)
 
@@ -132,5 +127,34 @@ def test_stop_event_ends_the_answer_at_once(tiny):
     stream = stream_chat(model, tokenizer, template, "Go on forever", settings={"max_new_tokens": 500}, seed=0, stop_event=event)
     for _ in stream:
         event.set()
-    assert stream.reason == "stopped" and len(stream.tokens) < 20
-    assert not stream.thread.is_alive()
+    assert stream.reason == "stopped" and len(stream.tokens) == 1  # not one forward after the event
+
+
+def test_sampling_draws_what_generate_draws_for_the_same_seed(tiny):
+    model, tokenizer, template, _ = tiny
+    settings = {"max_new_tokens": 20, "temperature": 0.8, "top_p": 0.9, "top_k": 30, "repetition_penalty": 1.3,
+                "no_repeat_ngram_size": 3}
+    stream = stream_chat(model, tokenizer, template, "Tell me something", settings=settings, seed=11)
+    list(stream)
+    ids = torch.tensor([stream.prompt.ids])
+    torch.manual_seed(11)
+    plain = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, pad_token_id=tokenizer.pad_token_id,
+                           eos_token_id=sorted(stop_token_ids(tokenizer, model, template)), **settings)
+    drawn = plain[0, ids.shape[1]:].tolist()
+    assert len(stream.tokens) >= 10 and stream.tokens == drawn[:len(stream.tokens)]
+
+
+def test_an_interrupted_reader_gets_the_held_back_text_on_the_next_read(tokenizer):
+    ids = tokenizer("Hello ##", add_special_tokens=False)["input_ids"]
+
+    def tokens():
+        yield from ids
+        raise KeyboardInterrupt  # Ctrl-C while the model works on the next token
+
+    stream = Stream(tokenizer, set(), ["###"], tokens=tokens())
+    pieces = []
+    with pytest.raises(KeyboardInterrupt):
+        for piece in stream:
+            pieces.append(piece)
+    assert "".join(pieces) == "Hello " and stream.reason == "stopped"
+    assert list(stream) == ["##"] and stream.text == "Hello ##"

@@ -1,19 +1,18 @@
 """Generation for the chat stages: the training prompt, history trimming, streaming, stop tokens, Stop.
 
 The prompt comes from utils.data.encode_prompt, the code that built the training examples, so a model is
-asked in exactly the form it learned. Tokens stream from a worker thread through `Stream`, which is both
-the streamer and a stopping criterion: it ends the answer on any stop token or stop string, and at once
-when its `stop_event` is set (Ctrl-C in the terminal, the Stop button on the page).
+asked in exactly the form it learned. `decode` is a plain KV-cache decode loop that runs in the reader's
+own thread (no streamer thread to compete with the model for the cores); `Stream` turns its ids into
+text pieces, ends the answer on any stop token or stop string, and before the next token once its
+`stop_event` is set (Ctrl-C in the terminal, the Stop button on the page).
 """
-import contextlib
 import dataclasses
-import queue
+import inspect
 import threading
-import time
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
+from transformers import (LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor,
+                          TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 from utils.data import encode_prompt
 from utils.errors import UserError, as_bool
@@ -23,9 +22,6 @@ from utils.templates import pick_template
 DEFAULTS = {"max_new_tokens": 512, "temperature": 0.7, "top_p": 0.9, "top_k": 40,
             "repetition_penalty": 1.1, "no_repeat_ngram_size": 0, "do_sample": True}
 END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>", "</s>")
-# torch samples from one global generator: seeded generations take turns, and a seed reproduces an answer
-# when no unseeded sampling runs beside it (the terminal, or one web user at a time).
-_SEEDED = threading.Lock()
 
 
 def chat_model_flags(model_path, lora_model, base_model, template, input_pattern, num_gpus, load_8bit, load_4bit,
@@ -141,42 +137,38 @@ def build_prompt(tokenizer, template, system, history, query, context_len, max_n
     return Prompt(ids, history, query, max_new, dropped, trimmed)
 
 
-class Stream(BaseStreamer, StoppingCriteria):
-    """Streamer and stopping criterion in one: yields text pieces as the model writes them.
+class Stream:
+    """One answer: iterate it for text pieces as the model writes them, in the calling thread.
 
-    Text is held back while it ends in a partial UTF-8 character or could be the start of a stop
-    string, so a reader never sees text that is later taken back.
+    Tokens come from `tokens` (the decode loop of stream_chat, or any iterable of ids). Text is held
+    back while it ends in a partial UTF-8 character or could be the start of a stop string, so a reader
+    never sees text that is later taken back. After iteration: .text is the whole answer, .reason why
+    it ended ("stop token", "stop string", "length", "stopped"), .tokens the ids before any stop token.
+    If the reader is interrupted (Ctrl-C), iterating again hands over what was held back.
     """
 
-    def __init__(self, tokenizer, stop_ids, stop_strings=(), stop_event=None, interval=0.02):
+    def __init__(self, tokenizer, stop_ids, stop_strings=(), stop_event=None, tokens=()):
         self.tokenizer, self.stop_ids = tokenizer, set(stop_ids)
         self.stop_strings = [s for s in stop_strings if s]
         self.stop_event = stop_event or threading.Event()
         self.tokens, self.text, self.sent = [], "", 0
         self._prefix, self._read = 0, 0  # self.tokens[_prefix:_read] is the decoded context of the newest tokens
-        self.finished, self.reason, self.error = False, None, None
-        self._prompt_seen = False
-        self._queue = queue.Queue()
-        self.interval, self._pending, self._emitted = interval, "", 0.0
-        self.thread, self.prompt = None, None
+        self.finished, self.reason = False, None
+        self._source, self.prompt = iter(tokens), None
 
-    def put(self, value):
-        if not self._prompt_seen:  # generate() hands over the prompt first
-            self._prompt_seen = True
-            return
+    def add(self, token):
+        """Take one generated id; returns the text that became safe to show ("" if none)."""
         if self.finished:
-            return
-        for token in value.reshape(-1).tolist():
-            if token in self.stop_ids:
-                self._finish("stop token")
-                return
-            self.tokens.append(token)
+            return ""
+        if token in self.stop_ids:
+            return self.finish("stop token")
+        self.tokens.append(token)
         # Decode only the last few tokens: a token's text can depend on its neighbours (spaces, UTF-8
         # bytes split across tokens), so the newest tokens are decoded with the one before them.
         before = self.tokenizer.decode(self.tokens[self._prefix:self._read], skip_special_tokens=True)
         after = self.tokenizer.decode(self.tokens[self._prefix:], skip_special_tokens=True)
         if len(after) <= len(before) or after.endswith("\ufffd"):
-            return  # an incomplete character: wait for the next token
+            return ""  # an incomplete character: wait for the next token
         start = max(0, len(self.text) - max((len(stop) for stop in self.stop_strings), default=0))
         self.text += after[len(before):]
         self._prefix, self._read = self._read, len(self.tokens)
@@ -184,106 +176,106 @@ class Stream(BaseStreamer, StoppingCriteria):
             at = self.text.find(stop, start)
             if at >= 0:
                 self.text = self.text[:at]
-                self._finish("stop string")
-                return
+                return self.finish("stop string")
         safe = len(self.text)
         for stop in self.stop_strings:  # hold back what may be the start of a stop string
             for n in range(min(len(stop) - 1, safe), 0, -1):
                 if self.text.endswith(stop[:n]):
                     safe = min(safe, len(self.text) - n)
                     break
-        if safe > self.sent:
-            self._emit(self.text[self.sent:safe])
-            self.sent = safe
+        piece, self.sent = self.text[self.sent:max(safe, self.sent)], max(safe, self.sent)
+        return piece
 
-    def _emit(self, piece, flush=False):
-        """Hand text to the reader, at most every `interval` seconds: waking the reading thread for each
-        of many fast tokens costs more than the tokens; a slow token is always handed over at once."""
-        self._pending += piece
-        now = time.perf_counter()
-        if self._pending and (flush or now - self._emitted >= self.interval):
-            self._queue.put(self._pending)
-            self._pending, self._emitted = "", now
-
-    def _finish(self, reason):
+    def finish(self, reason):
+        """End the answer (the first reason given is kept); returns the text not yet handed over."""
         self.finished, self.reason = True, self.reason or reason
-        self._emit(self.text[self.sent:], flush=True)
-        self.sent = len(self.text)
-
-    def end(self):
-        if not self.finished:
-            self._finish("stopped" if self.stop_event.is_set() else "length")
-        self._queue.put(None)
-
-    def __call__(self, input_ids, scores, **kwargs):
-        done = self.finished or self.stop_event.is_set()
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+        piece, self.sent = self.text[self.sent:], len(self.text)
+        return piece
 
     def __iter__(self):
-        while True:
-            try:
-                piece = self._queue.get(timeout=0.05)
-            except queue.Empty:
-                if self.thread is not None and not self.thread.is_alive() and self._queue.empty():
+        try:
+            for token in self._source:
+                piece = self.add(token)
+                if piece:
+                    yield piece
+                if self.finished:
                     break
-                continue
-            if piece is None:
-                break
+        except BaseException:  # Ctrl-C, or the reader went away: the answer ends here
+            self.reason = self.reason or "stopped"
+            raise
+        finally:
+            close = getattr(self._source, "close", None)
+            if close is not None:
+                close()
+        piece = self.finish("stopped" if self.stop_event.is_set() else "length")
+        if piece:
             yield piece
-        if self.thread is not None:  # a thread left inside torch at interpreter exit aborts the process
-            self.thread.join()
-        if self.error is not None:
-            raise self.error
 
     def stop(self):
-        """End the answer at the next token (safe to call from any thread, or a signal handler)."""
+        """End the answer before the next token (safe to call from any thread, or a signal handler)."""
         self.stop_event.set()
 
 
-def generation_kwargs(settings, stop_ids, pad_id):
-    kwargs = dict(max_new_tokens=settings["max_new_tokens"], do_sample=settings["do_sample"],
-                  repetition_penalty=settings["repetition_penalty"], eos_token_id=sorted(stop_ids), pad_token_id=pad_id)
+def logits_processors(settings):
+    """The logits processors model.generate builds for these settings, in the same order."""
+    processors = LogitsProcessorList()
+    if settings["repetition_penalty"] != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(settings["repetition_penalty"]))
     if settings["no_repeat_ngram_size"]:
-        kwargs["no_repeat_ngram_size"] = settings["no_repeat_ngram_size"]
+        processors.append(NoRepeatNGramLogitsProcessor(settings["no_repeat_ngram_size"]))
     if settings["do_sample"]:
-        kwargs.update(temperature=settings["temperature"], top_p=settings["top_p"], top_k=settings["top_k"])
-    else:  # the model's own sampling defaults would otherwise warn against greedy decoding
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    return kwargs
+        if settings["temperature"] != 1.0:
+            processors.append(TemperatureLogitsWarper(settings["temperature"]))
+        if settings["top_k"]:
+            processors.append(TopKLogitsWarper(settings["top_k"]))
+        if settings["top_p"] < 1.0:
+            processors.append(TopPLogitsWarper(settings["top_p"]))
+    return processors
+
+
+def decode(model, input_ids, settings, stop_event, seed=None):
+    """Yield new token ids one by one: one forward over the prompt, then one per token with the KV cache.
+
+    It runs in the caller's thread, so no second thread competes with the model for the cores, and it
+    stops before the next forward once stop_event is set. Tokens equal model.generate's for the same
+    settings; sampling draws from a generator of its own, seeded with `seed` (as torch.manual_seed(seed)
+    would seed generate), so concurrent answers do not disturb each other's reproducibility.
+    """
+    processors, generator = logits_processors(settings), None
+    keep_one = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    ids, step_input, cache = input_ids, input_ids, None
+    for _ in range(settings["max_new_tokens"]):
+        if stop_event.is_set():
+            return
+        with torch.inference_mode():
+            out = model(input_ids=step_input, past_key_values=cache, use_cache=True, **keep_one)
+            cache = out.past_key_values
+            scores = processors(ids, out.logits[:, -1, :].to(dtype=torch.float32, device=ids.device))
+            if settings["do_sample"]:
+                if generator is None and seed is not None:
+                    generator = torch.Generator(scores.device).manual_seed(int(seed))
+                token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=generator)
+            else:
+                token = scores.argmax(dim=-1, keepdim=True)
+            ids, step_input = torch.cat([ids, token], dim=1), token
+        yield token.item()
 
 
 def stream_chat(model, tokenizer, template, query, history=(), system="", settings=None, seed=None,
                 stop_event=None, context_len=None):
-    """Start an answer in a worker thread and return its Stream; iterate it for text pieces.
+    """Build the prompt and return the answer's Stream; the model runs as the Stream is iterated.
 
-    After iteration: stream.text is the whole answer, stream.reason why it ended ("stop token",
-    "stop string", "length", "stopped"), stream.prompt the trimmed Prompt that was sent.
+    stream.prompt is the trimmed Prompt that was sent (see build_prompt).
     """
     settings = check_settings(**(settings or {}))
     prompt = build_prompt(tokenizer, template, system, history, query, context_len or context_length(model),
                           settings["max_new_tokens"])
     settings["max_new_tokens"] = prompt.max_new_tokens
-    stop_ids = stop_token_ids(tokenizer, model, template)
-    stream = Stream(tokenizer, stop_ids, template.stop_strings, stop_event)
+    stop_event = stop_event or threading.Event()
+    input_ids = torch.tensor([prompt.ids], device=model.get_input_embeddings().weight.device)
+    stream = Stream(tokenizer, stop_token_ids(tokenizer, model, template), template.stop_strings, stop_event,
+                    decode(model, input_ids, settings, stop_event, seed))
     stream.prompt = prompt
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([prompt.ids], device=device)
-    kwargs = generation_kwargs(settings, stop_ids, tokenizer.pad_token_id)
-
-    def work():
-        try:
-            with _SEEDED if seed is not None else contextlib.nullcontext():
-                if seed is not None:
-                    torch.manual_seed(int(seed))
-                with torch.inference_mode():
-                    model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=stream,
-                                   stopping_criteria=StoppingCriteriaList([stream]), **kwargs)
-        except Exception as e:  # shown to the reader by Stream.__iter__, not lost in the thread
-            stream.error = e
-            stream._queue.put(None)
-
-    stream.thread = threading.Thread(target=work, name="lora-kit-generate", daemon=True)
-    stream.thread.start()
     return stream
 
 
