@@ -61,7 +61,12 @@ def score(model, tokenizer, items, prefixes, method, batch_size, pad_id, bar):
         # the shared head is worth caching when it is long compared with what follows it
         prefix = SharedPrefix(model, prefixes[k]) if k and len(prefixes[k]) >= 32 else None
         group.sort(key=lambda item: len(item[3]))
-        for batch in batches(group, batch_size):
+        if method == "cloze":  # a question's context is run once, then its four options from that cache
+            per_question = defaultdict(list)
+            for item in group:
+                per_question[item[1]].append(item)
+            group = list(per_question.values())
+        for batch in (group if method == "cloze" else batches(group, batch_size)):
             if method == "letter":
                 seqs = [ids for *_, ids, _ in batch]
                 rows = log_probs_at(model, seqs, [[len(s) - 1] for s in seqs], prefix, pad_id)
@@ -70,7 +75,8 @@ def score(model, tokenizer, items, prefixes, method, batch_size, pad_id, bar):
             else:
                 seqs = [ids[:-1] for *_, ids, _ in batch]  # the last token is only ever a target
                 positions = [list(range(len(ids) - n - 1, len(ids) - 1)) for *_, ids, n in batch]
-                rows = log_probs_at(model, seqs, positions, prefix, pad_id)
+                context = seqs[0][:min(p[0] for p in positions) + 1]
+                rows = log_probs_at(model, seqs, positions, SharedPrefix(model, context, prefix), pad_id)
                 for (_, qi, option, ids, n), row in zip(batch, rows):
                     out[qi, option] = row.gather(1, torch.tensor(ids[-n:])[:, None]).sum().item()
             bar.update(len(batch))
@@ -118,7 +124,7 @@ def main(
         few_shot: solved dev examples before each question (C-Eval and CMMLU publish 5-shot and 0-shot).
         method: letter (official: next-token logits of A-D) or cloze (lm-eval-harness: log-probability of each option's text).
         output_dir: where the JSON files go; default eval_results/ in the toolkit folder.
-        batch_size: sequences per forward pass (letter: questions; cloze: four per question).
+        batch_size: questions per forward pass for letter (cloze runs each question's context once, then its four options as one batch).
         max_length: prompt limit in tokens, above which shots are dropped one at a time; default the model's context.
         precision: auto, bf16, fp16 or fp32 for the weights.
         local_files_only: never download a model from the hub.

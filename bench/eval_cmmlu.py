@@ -16,10 +16,13 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(data_dir: str = str(ROOT.parent / "shared" / "data" / "cmmlu"), lora_model: str = str(ROOT / "output"),
-         limit: int = None, output_dir: str = "/tmp/lora-kit-eval-bench", shots: str = "0,5", methods: str = "letter,cloze"):
+         limit: int = None, output_dir: str = "/tmp/lora-kit-eval-bench", shots: str = "0,5", methods: str = "letter,cloze",
+         models: str = "built-in,demo adapter", precision: str = "auto"):
     """Args:
         data_dir: the CMMLU folder. lora_model: the adapter compared with its base. limit: questions per subject.
         output_dir: where evaluate.py's JSON files go. shots, methods: the grid to run.
+        models: which of "built-in" and "demo adapter" to run. precision: as evaluate.py takes it (auto: bf16 on
+            a CPU with fast bf16, as evaluate.py runs by default).
     """
     import evaluate
     from utils.errors import as_list
@@ -29,12 +32,17 @@ def main(data_dir: str = str(ROOT.parent / "shared" / "data" / "cmmlu"), lora_mo
     rows = []
     for k in [int(s) for s in as_names(shots, "shots")]:
         for model_name, kwargs in (("built-in", {}), ("demo adapter", {"lora_model": lora_model})):
+            if model_name not in as_names(models, "models"):
+                continue
             for method in as_names(methods, "methods"):
                 out = Path(output_dir) / model_name.replace(" ", "_")
-                evaluate.main(data_dir=data_dir, method=method, few_shot=k, limit=limit, output_dir=str(out), precision="fp32", **kwargs)
+                evaluate.main(data_dir=data_dir, method=method, few_shot=k, limit=limit, output_dir=str(out), precision=precision, **kwargs)
                 r = json.loads((out / f"results_cmmlu_test_{method}_{k}shot.json").read_text())
                 rows.append((model_name, method, k, r["questions"], r["average"], r["seconds_per_100_questions"]))
                 print(rows[-1], flush=True)
+    import torch
+
+    print(f"\nprecision {precision}, torch threads {torch.get_num_threads()}")
     print("\n| model | method | shots | questions | acc | acc_norm (chars) | acc_bytes | s / 100 questions |")
     print("|---|---|---|---|---|---|---|---|")
     for name, method, k, n, avg, speed in rows:

@@ -151,12 +151,18 @@ def cloze_tokens(encode, context, option):
 
 
 class SharedPrefix:
-    """The KV cache of a prompt head shared by many sequences (the header and the shots), computed once."""
+    """The KV cache of a prompt head shared by many sequences, computed once: a subject's header and shots,
+    or one question's context before its four options. With a parent (the subject's), only the tokens
+    after what the parent holds are run."""
 
-    def __init__(self, model, ids):
+    def __init__(self, model, ids, parent=None):
         self.ids = ids
+        n = min(parent.common(ids), len(ids) - 1) if parent is not None else 0
+        kwargs = {}
+        if n:
+            kwargs = dict(past_key_values=parent.cache(n, 1), position_ids=torch.arange(n, len(ids), device=model.device)[None])
         with torch.no_grad():
-            out = model(input_ids=torch.tensor([ids], device=model.device), use_cache=True, logits_to_keep=1)
+            out = model(input_ids=torch.tensor([ids[n:]], device=model.device), use_cache=True, logits_to_keep=1, **kwargs)
         self.kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
 
     def common(self, seq):
