@@ -200,10 +200,13 @@ def main(
     from transformers import Trainer, TrainingArguments, set_seed
 
     from utils.lora import find_target_modules, lora_config, save_adapter, write_run_config
-    from utils.train import attention_for, causal_lm_loss, needs_checkpointing, register_packed_attention, throughput_callback
+    from utils.train import (attention_for, causal_lm_loss, lora_under_autocast, needs_checkpointing, register_packed_attention,
+                             reuse_freed_memory, throughput_callback)
 
     set_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        reuse_freed_memory()
     dtype = pick_dtype(precision, device)
     register_packed_attention()
     model = load_model(model_path, dtype, bits, local_files_only=local_files_only, attn_implementation=attention_for(device))
@@ -216,6 +219,8 @@ def main(
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     targets = find_target_modules(model) if targets in ([], ["auto"]) else targets
     model = get_peft_model(model, lora_config(model, lora_r, lora_alpha, lora_dropout, targets, modules_to_save))
+    if dtype in (torch.bfloat16, torch.float16):  # LoRA weights stay fp32; their matmuls run in half under autocast
+        lora_under_autocast(model)
     trainable, total = model.get_nb_trainable_parameters()
     quantized = sum(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
     say(f"base: {base_model} ({str(dtype)[6:]}, {bits}-bit, {quantized} quantized linear layers)   LoRA r={lora_r} on "
@@ -229,7 +234,7 @@ def main(
         warmup_steps=warmup_ratio, weight_decay=weight_decay, logging_steps=logging_steps, logging_first_step=True,
         save_steps=save_steps, save_total_limit=save_total_limit, eval_strategy="steps" if val else "no",
         eval_steps=eval_steps or save_steps, activation_checkpointing=bool(gradient_checkpointing) and bits >= 16,
-        activation_checkpointing_kwargs={"use_reentrant": False}, fp16=dtype == torch.float16, seed=seed, data_seed=seed,
+        activation_checkpointing_kwargs={"use_reentrant": False}, fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16, seed=seed, data_seed=seed,
         remove_unused_columns=False, report_to="none", use_cpu=device == "cpu", ddp_find_unused_parameters=False,
         include_num_input_tokens_seen="all" if packing else "non_padding",  # a packed row has no padding
     )

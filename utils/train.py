@@ -14,7 +14,13 @@ PACKED_ATTENTION = "lora_kit_packed_sdpa"
 
 
 def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None, **kwargs):
-    """Causal SDPA per packed example when position_ids mark several in one row; plain sdpa otherwise."""
+    """Causal SDPA per packed example when position_ids mark several in one row; plain sdpa otherwise.
+
+    The row is split into its examples (split's backward is one concatenation, where slicing adds a
+    zero-filled full-row gradient per example). On a CPU the attention itself runs in fp32: PyTorch's
+    CPU flash-attention kernel is faster in fp32 than in bf16, backward included (79 vs 106 ms per layer
+    for 8 alpaca examples on the built-in model), and its softmax is then exact to fp32.
+    """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if position_ids is None or query.shape[0] != 1 or key.shape[2] != query.shape[2]:  # padded batch, or decoding
@@ -22,13 +28,16 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
     starts = (position_ids[0] == 0).nonzero().flatten().tolist()
     if starts[:1] != [0]:
         starts = [0] + starts
-    bounds = starts[1:] + [query.shape[2]]
+    lengths = [end - start for start, end in zip(starts, starts[1:] + [query.shape[2]])]
+    dtype = query.dtype
+    if query.device.type == "cpu":
+        query, key, value = query.float(), key.float(), value.float()
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: share each key/value head among its query heads
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    parts = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
-                                            dropout_p=dropout, scale=scaling) for s, e in zip(starts, bounds)]
-    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+    parts = [F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling)
+             for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
+    return torch.cat(parts, dim=2).transpose(1, 2).to(dtype).contiguous(), None
 
 
 def register_packed_attention():
@@ -55,6 +64,40 @@ def causal_lm_loss(outputs, labels, num_items_in_batch=None):
     loss = F.cross_entropy(logits.float(), targets.to(logits.device), ignore_index=IGNORE, reduction="sum")
     count = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE).sum().clamp(min=1)
     return loss / count
+
+
+def lora_under_autocast(model):
+    """Let autocast run the LoRA matmuls in bf16 (or fp16) while their weights and optimizer state stay fp32.
+
+    PEFT casts each LoRA layer's input to its fp32 weights' dtype, so every projection of every layer paid
+    for an fp32 copy of its input and fp32 matmuls: turning that off took the built-in model's packed step
+    from 173 to 216 tokens/s. Only for forwards under autocast (Trainer's bf16=True or fp16=True).
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
+
+
+def reuse_freed_memory():
+    """Have glibc keep the memory torch frees for the next step instead of handing it back to the OS.
+
+    glibc serves every large tensor with its own mmap and unmaps it when freed, so each training step
+    page-faults (and the kernel zeroes) gigabytes of activations anew: on the 2-core test machine that
+    was a third of the wall time (26.6 s of system time in an 84 s run). With mmap off and trimming
+    raised, the heap is reused: 206 -> 231 tokens/s. Peak RSS is unchanged. A no-op without glibc.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
+    return all(mallopt(option, value) == 1 for option, value in
+               ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 2**30)))
 
 
 def attention_for(device):
