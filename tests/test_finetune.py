@@ -156,3 +156,51 @@ def test_checkpointing_turns_on_when_activations_do_not_fit(tiny_model_dir):
     config = AutoConfig.from_pretrained(tiny_model_dir)
     assert not needs_checkpointing(config, 4096, 2, "cpu")
     assert needs_checkpointing(config, 10**9, 2, "cpu")  # a billion tokens per step fits nowhere
+
+
+def test_lora_matmuls_run_in_bf16_with_fp32_weights(tiny_model_dir, tokenizer):
+    """lora_under_autocast: under bf16 autocast the LoRA path takes bf16 inputs (no fp32 copy of every
+    projection's input), while the LoRA weights and their gradients stay fp32 and agree with PEFT's own path."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from utils.data import Collator, encode_dialogs
+    from utils.templates import load_template
+    from utils.train import PACKED_ATTENTION, causal_lm_loss, lora_under_autocast, register_packed_attention
+
+    register_packed_attention()
+    dialogs = [("", [("q" * n, "answer " * (n % 5 + 1))], "") for n in (3, 11, 25)]
+    batch = Collator(tokenizer.pad_token_id)(encode_dialogs(dialogs, tokenizer, load_template("auto", tokenizer))[0])
+    labels = batch.pop("labels")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16, attn_implementation=PACKED_ATTENTION)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+    seen = []
+    hook = model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].dtype))
+    results = []
+    for fast in (False, True):
+        if fast:
+            lora_under_autocast(model)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = causal_lm_loss(model(**batch), labels)
+        loss.backward()
+        results.append((loss.item(), [p.grad for p in model.parameters() if p.requires_grad]))
+    hook.remove()
+    assert seen == [torch.float32, torch.bfloat16]  # PEFT's own path copied the input to fp32; ours does not
+    (slow_loss, slow_grads), (fast_loss, fast_grads) = results
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    assert all(g.dtype == torch.float32 for g in fast_grads) and abs(fast_loss - slow_loss) < 0.02 * slow_loss
+    cosine = [torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item() for a, b in zip(slow_grads, fast_grads)]
+    assert min(cosine) > 0.99
+
+
+def test_freed_memory_is_kept_under_glibc():
+    import platform
+
+    from utils.train import reuse_freed_memory
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert reuse_freed_memory() is True
