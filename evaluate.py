@@ -166,8 +166,8 @@ def main(
     from utils.model import load_for_inference
     from utils.train import reuse_freed_memory
 
-    reuse_freed_memory()  # scoring allocates large logits per batch: keep that memory instead of page-faulting it anew
     model, tokenizer, _, _ = load_for_inference(model_path, lora_model, base_model, precision=precision, local_files_only=local_files_only)
+    reuse_freed_memory()  # scoring allocates large logits per batch: keep that memory instead of page-faulting it anew
     max_length = int(max_length or getattr(model.config, "max_position_embeddings", 2048))
     name = lora_model or model_path or "builtin:smollm2"
     print(f"Evaluating {name} on {data_dir.name}/{split}: {len(wanted)} subjects, {method}, {few_shot}-shot, max_length {max_length}")

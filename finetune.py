@@ -205,11 +205,11 @@ def main(
 
     set_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        reuse_freed_memory()
     dtype = pick_dtype(precision, device)
     register_packed_attention()
     model = load_model(model_path, dtype, bits, local_files_only=local_files_only, attn_implementation=attention_for(device))
+    if device == "cpu":  # after loading: memory freed while loading (quantizing) should go back to the OS
+        reuse_freed_memory()
     model.config.use_cache = False  # a cache would also disable packed-sequence attention
     if gradient_checkpointing == "auto":
         tokens_per_step = per_device_train_batch_size * (cutoff_len if stage == "sft" else block_size)
