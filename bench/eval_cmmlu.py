@@ -30,11 +30,12 @@ def main(data_dir: str = str(ROOT.parent / "shared" / "data" / "cmmlu"), lora_mo
     as_names = lambda v, flag: as_list([str(x) for x in v] if isinstance(v, (list, tuple)) else str(v), flag)  # noqa: E731
 
     rows = []
+    wanted_models, wanted_methods = as_names(models, "models"), as_names(methods, "methods")
     for k in [int(s) for s in as_names(shots, "shots")]:
         for model_name, kwargs in (("built-in", {}), ("demo adapter", {"lora_model": lora_model})):
-            if model_name not in as_names(models, "models"):
+            if model_name not in wanted_models:
                 continue
-            for method in as_names(methods, "methods"):
+            for method in wanted_methods:
                 out = Path(output_dir) / model_name.replace(" ", "_")
                 evaluate.main(data_dir=data_dir, method=method, few_shot=k, limit=limit, output_dir=str(out), precision=precision, **kwargs)
                 r = json.loads((out / f"results_cmmlu_test_{method}_{k}shot.json").read_text())

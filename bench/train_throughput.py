@@ -167,7 +167,9 @@ def main(records=64, cutoff_len=512, batch=8, lr=5e-4, qlora=False, arm=None, ou
     print(f"matmul peak on this machine: bf16 {peak_bf16 / 1e9:.0f} GFLOP/s, fp32 {peak_fp32 / 1e9:.0f} GFLOP/s ({torch.get_num_threads()} threads)")
     if qlora:
         return qlora_bench(tmp, data, cutoff_len, lr)
-    chosen = arms.split(",") if isinstance(arms, str) else list(arms or ["baseline", "trl", "ours"])
+    from utils.errors import as_list
+
+    chosen = as_list(arms, "arms") or ["baseline", "trl", "ours"]
     arms = [a for a in ["baseline", "trl", "ours"] if a in chosen]
     if "trl" in arms and not importlib.util.find_spec("trl"):
         arms.remove("trl")

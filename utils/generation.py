@@ -183,7 +183,9 @@ class Stream:
                 if self.text.endswith(stop[:n]):
                     safe = min(safe, len(self.text) - n)
                     break
-        piece, self.sent = self.text[self.sent:max(safe, self.sent)], max(safe, self.sent)
+        if safe <= self.sent:
+            return ""
+        piece, self.sent = self.text[self.sent:safe], safe
         return piece
 
     def finish(self, reason):

@@ -441,27 +441,29 @@ def _write_configs(tmp, base_path, base_config, plan, untie, vocab_size, tok_dir
     (tmp / RUN_CONFIG).write_text(json.dumps({**run_config, "merged_from": merged_from}, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
-def peak_rss():
-    """This process's peak resident memory in bytes: VmHWM, which starts afresh at exec (ru_maxrss is inherited)."""
+def _proc_bytes(path, key):
+    """A "Key:   N kB" figure of a /proc file in bytes, or None where /proc is not there."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def peak_rss():
+    """This process's peak resident memory in bytes: VmHWM, which starts afresh at exec (ru_maxrss is inherited)."""
+    peak = _proc_bytes("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _available_memory():
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def verify_merge(out, summary, modules, replace, tok_dir, sample=8):
