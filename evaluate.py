@@ -164,7 +164,7 @@ def main(
     from tqdm.auto import tqdm
 
     from utils.model import load_for_inference
-    from utils.train import reuse_freed_memory
+    from utils.memory import reuse_freed_memory
 
     model, tokenizer, _, _ = load_for_inference(model_path, lora_model, base_model, precision=precision, local_files_only=local_files_only)
     reuse_freed_memory()  # scoring allocates large logits per batch: keep that memory instead of page-faulting it anew

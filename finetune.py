@@ -2,7 +2,7 @@
 
     python finetune.py                                   # built-in SmolLM2-135M on data/demo.json
     python finetune.py --base_model=path/to/llama --data_path=my.json --output_dir=output/
-    python finetune.py --use_4bit --gradient_checkpointing          # QLoRA
+    python finetune.py --use_4bit                                    # QLoRA (memory first: see README)
     python finetune.py --stage=pt --data_path=data/pt_demo.txt      # continued pretraining
     torchrun --nproc_per_node=2 finetune.py ...                      # several devices
     python finetune.py --dry_run                                     # only check and summarise the data
@@ -125,7 +125,7 @@ def main(
         save_steps: save a checkpoint every N updates.
         save_total_limit: keep at most N checkpoints.
         eval_steps: evaluate every N updates (default: --save_steps) when there is validation data.
-        gradient_checkpointing: recompute activations in the backward pass to save memory: True, False, or auto (on only when the activations would not fit in free memory).
+        gradient_checkpointing: recompute activations in the backward pass to save memory: True, False, or auto (on for 4- and 8-bit, which are chosen to save memory; otherwise on only when the activations would not fit in free memory).
         packing: pack each batch into one row without padding (same loss, less compute).
         seed: random seed for LoRA init, shuffling and dropout.
         resume_from_checkpoint: a checkpoint folder, or True for the latest one in --output_dir.
@@ -200,20 +200,20 @@ def main(
     from transformers import Trainer, TrainingArguments, set_seed
 
     from utils.lora import find_target_modules, lora_config, save_adapter, write_run_config
-    from utils.train import (attention_for, causal_lm_loss, lora_under_autocast, needs_checkpointing, register_packed_attention,
-                             reuse_freed_memory, throughput_callback)
+    from utils.memory import reuse_freed_memory
+    from utils.train import attention_for, causal_lm_loss, lora_under_autocast, needs_checkpointing, register_packed_attention, throughput_callback
 
     set_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = pick_dtype(precision, device)
     register_packed_attention()
     model = load_model(model_path, dtype, bits, local_files_only=local_files_only, attn_implementation=attention_for(device))
-    if device == "cpu":  # after loading: memory freed while loading (quantizing) should go back to the OS
+    if device == "cpu" and bits >= 16:  # keep freed activations for the next step (see utils/memory for why not 4/8-bit)
         reuse_freed_memory()
     model.config.use_cache = False  # a cache would also disable packed-sequence attention
     if gradient_checkpointing == "auto":
         tokens_per_step = per_device_train_batch_size * (cutoff_len if stage == "sft" else block_size)
-        gradient_checkpointing = needs_checkpointing(model.config, tokens_per_step, 2 if dtype != torch.float32 else 4, device)
+        gradient_checkpointing = bits < 16 or needs_checkpointing(model.config, tokens_per_step, 2 if dtype != torch.float32 else 4, device)
     # A quantized base needs no more preparation than a 16-bit one: peft's prepare_model_for_kbit_training
     # would copy the embeddings, norms and lm_head to fp32 (0.8 GB more for a 1B model), and autocast
     # already computes in the half type. Whatever trains is fp32 (LoRA weights, modules_to_save copies).

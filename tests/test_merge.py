@@ -150,7 +150,7 @@ def test_output_files_provenance_and_verification(tmp_path, tiny_model_dir, caps
 def test_sampled_verification_when_two_models_do_not_fit(tmp_path, tiny_model_dir, monkeypatch):
     import utils.merge
 
-    monkeypatch.setattr(utils.merge, "_available_memory", lambda: 10**6)
+    monkeypatch.setattr(utils.merge, "available_memory", lambda: 10**6)
     adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", target_modules=ALL, use_dora=True)
     merge_lora.main(lora_model=str(adapter), output_dir=str(tmp_path / "merged"))
     check = json.loads((tmp_path / "merged" / "merge_info.json").read_text())["verification"]

@@ -20,6 +20,7 @@ import torch
 
 from utils.errors import UserError
 from utils.lora import RUN_CONFIG, adapter_base, read_run_config
+from utils.memory import available_memory, peak_rss
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -441,31 +442,6 @@ def _write_configs(tmp, base_path, base_config, plan, untie, vocab_size, tok_dir
     (tmp / RUN_CONFIG).write_text(json.dumps({**run_config, "merged_from": merged_from}, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
-def _proc_bytes(path, key):
-    """A "Key:   N kB" figure of a /proc file in bytes, or None where /proc is not there."""
-    try:
-        for line in Path(path).read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss():
-    """This process's peak resident memory in bytes: VmHWM, which starts afresh at exec (ru_maxrss is inherited)."""
-    peak = _proc_bytes("/proc/self/status", "VmHWM")
-    if peak is not None:
-        return peak
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _available_memory():
-    return _proc_bytes("/proc/meminfo", "MemAvailable")
-
-
 def verify_merge(out, summary, modules, replace, tok_dir, sample=8):
     """Compare the merged model with base + adapter through PEFT, both in fp32, on the probe prompts.
 
@@ -475,7 +451,7 @@ def verify_merge(out, summary, modules, replace, tok_dir, sample=8):
     """
     params = summary["total_bytes"] / 2  # at least 2 bytes per parameter in every dtype we write
     need = params * 4 * 1.3
-    avail = _available_memory()
+    avail = available_memory()
     if avail is not None and need > avail * 0.8:
         return _verify_layers(out, summary, modules, replace, sample, need, avail)
     return _verify_full(out, summary, tok_dir)

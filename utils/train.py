@@ -80,26 +80,6 @@ def lora_under_autocast(model):
             module.cast_input_dtype_enabled = False
 
 
-def reuse_freed_memory():
-    """Have glibc keep the memory torch frees for the next step instead of handing it back to the OS.
-
-    glibc serves every large tensor with its own mmap and unmaps it when freed, so each training step
-    page-faults (and the kernel zeroes) gigabytes of activations anew: on the 2-core test machine that
-    was a third of the wall time (26.6 s of system time in an 84 s run). With mmap off and trimming
-    raised, the heap is reused: 206 -> 231 tokens/s. Peak RSS is unchanged. A no-op without glibc.
-    """
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
-    return all(mallopt(option, value) == 1 for option, value in
-               ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 2**30)))
-
-
 def attention_for(device):
     """FlashAttention-2 (varlen over the packed examples) on a GPU where it is installed, else ours."""
     import importlib.util
@@ -136,12 +116,12 @@ def needs_checkpointing(config, tokens_per_step, dtype_bytes, device):
     projections and the MLP, about (10·hidden + 4·intermediate) values) plus fp32 logits and their gradient,
     against 70% of the memory free once the model is loaded.
     """
-    import os
+    from utils.memory import available_memory
 
     per_token = config.num_hidden_layers * (10 * config.hidden_size + 4 * config.intermediate_size) * dtype_bytes
     need = tokens_per_step * (per_token + 8 * config.vocab_size)
     if device == "cuda":
         free = torch.cuda.mem_get_info()[0]
     else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        free = available_memory()
     return need > 0.7 * free
