@@ -41,14 +41,15 @@ def test_short_run_writes_the_exact_file_set(finetune, tmp_path, tiny_model_dir)
     assert sum("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters()) > 0  # it trained
 
 
-def test_qlora_4bit_on_cpu(finetune, tmp_path, capsys):
-    finetune(use_4bit=True, modules_to_save="lm_head")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_base_on_cpu(finetune, tmp_path, capsys, bits):
+    finetune(use_4bit=bits == 4, use_8bit=bits == 8, modules_to_save="lm_head")
     out = capsys.readouterr().out
-    assert "4-bit, 14 quantized linear layers" in out, out  # 2 layers x 7 projections
+    assert f"{bits}-bit, 14 quantized linear layers" in out, out  # 2 layers x 7 projections
     out = tmp_path / "out"
     config = json.loads((out / "run_config.json").read_text())
-    assert config["bits"] == 4 and config["lora"]["modules_to_save"] == ["lm_head"]
-    assert config["training"]["activation_checkpointing"] is True  # auto: 4-bit is chosen to save memory
+    assert config["bits"] == bits and config["lora"]["modules_to_save"] == ["lm_head"]
+    assert config["training"]["activation_checkpointing"] is True  # auto: a quantized base is chosen to save memory
     losses = trainer_losses(out / "checkpoint-2")
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
 

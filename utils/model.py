@@ -185,22 +185,22 @@ def quantization_config(bits, compute_dtype):
 
 
 @contextlib.contextmanager
-def _checkpoint_read_for_quantizing(vocab_size):
+def _loading_to_quantize(vocab_size):
     """Have transformers read safetensors shards with pread instead of mmap (its own Windows path), but
-    leave the vocabulary tables (embeddings, lm_head: never quantized) mapped.
+    leave the vocabulary tables (embeddings, lm_head: never quantized) mapped; and return freed memory
+    (each 16-bit copy, once quantized) to the OS: see utils.memory.
 
     When a 16-bit checkpoint is quantized while it loads, every page of the mmapped shards stays
     resident until loading ends, so a 1.1B model peaked at 3.1 GB of RSS for 0.8 GB of NF4 weights;
     read into ordinary memory, each tensor is freed once quantized. Mapped, the vocabulary tables are
     not copied at all, and training reads only the embedding rows of the tokens it sees (most of a
-    49152 x 2048 table, 200 MB, is never read in). A no-op if a transformers version lacks the hook.
+    49152 x 2048 table, 200 MB, is never read in). The read is left alone where transformers lacks the hook.
     """
     import transformers.modeling_utils as modeling_utils
 
+    from utils.memory import returning_freed_memory
+
     original = getattr(modeling_utils, "safe_open", None)
-    if original is None:
-        yield
-        return
 
     class Shard:
         def __init__(self, filename, framework="pt", device="cpu", backend=None, **kwargs):
@@ -227,27 +227,27 @@ def _checkpoint_read_for_quantizing(vocab_size):
                 if handle is not None:
                     handle.__exit__(*exc)
 
-    modeling_utils.safe_open = Shard
+    if original is not None:
+        modeling_utils.safe_open = Shard
     try:
-        yield
+        with returning_freed_memory():
+            yield
     finally:
-        modeling_utils.safe_open = original
+        if original is not None:
+            modeling_utils.safe_open = original
 
 
 def load_model(path, dtype, bits=16, device_map=None, local_files_only=False, attn_implementation="sdpa"):
     """Load a causal LM from a resolved path in `dtype`, optionally quantized to 4 or 8 bits."""
     from transformers import AutoModelForCausalLM
 
-    from utils.memory import returning_freed_memory
-
     qconfig = quantization_config(bits, dtype)
-    if qconfig is None:  # 16-bit shards in the wanted dtype stay mapped: nothing is copied
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, local_files_only=local_files_only,
-                                                    attn_implementation=attn_implementation)
-    if device_map is None:
-        device_map = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
-    vocab_size = getattr(load_config(path, local_files_only).get_text_config(), "vocab_size", None)
-    with _checkpoint_read_for_quantizing(vocab_size), returning_freed_memory():
+    loading = contextlib.nullcontext()  # 16-bit shards in the wanted dtype are used as mapped: nothing is copied
+    if qconfig is not None:
+        if device_map is None:
+            device_map = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
+        loading = _loading_to_quantize(getattr(load_config(path, local_files_only).get_text_config(), "vocab_size", None))
+    with loading:
         return AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, quantization_config=qconfig, device_map=device_map,
             local_files_only=local_files_only, attn_implementation=attn_implementation,
