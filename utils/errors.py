@@ -11,6 +11,7 @@ class UserError(Exception):
 
 def run_cli(main):
     """fire.Fire(main), except that a UserError prints one line and exits with status 2."""
+    quiet_dependency_notices()
     try:
         fire.Fire(main)
     except UserError as e:
@@ -19,6 +20,20 @@ def run_cli(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def quiet_dependency_notices():
+    """Silence two notices that every run printed and that concern our dependencies, not the user's run.
+
+    bitsandbytes logs "Failed to load CPU gemm_4bit_forward from kernels-community" whenever it is imported
+    (peft imports it, also for 16-bit runs): an optional kernel for 4-bit inference is fetched from the hub,
+    and without it the built-in kernel runs. peft reads transformers' deprecated `is_gradient_checkpointing`.
+    """
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing(_enable)?` is deprecated", category=FutureWarning)
 
 
 def as_list(value, flag):
