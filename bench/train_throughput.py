@@ -1,7 +1,7 @@
 """Training throughput: the tutorial recipe vs TRL's packed SFTTrainer vs our finetune.py defaults.
 
     python bench/train_throughput.py              # built-in SmolLM2, 64 alpaca_en_demo records, cutoff 512, batch 8
-    python bench/train_throughput.py --qlora      # NF4 vs bf16 LoRA: tokens/s and peak RSS on a random 1B TinyLlama-shaped model
+    python bench/train_throughput.py --use_4bit   # NF4 vs bf16 LoRA: tokens/s and peak RSS on a random 1B TinyLlama-shaped model
 
 Every arm runs in its own child process on the same tokenized records (one epoch, the same learning rate and
 schedule); peak RSS is polled from outside. Tokens/s counts real (non-pad) tokens after the first update.
@@ -150,8 +150,8 @@ def eval_loss(adapter, examples, batch=8):
     return total / count
 
 
-def main(records=64, cutoff_len=512, batch=8, lr=5e-4, qlora=False, arm=None, out=None, base_model="builtin:smollm2", arms=None):
-    """Args: records, cutoff_len, batch, lr: the setting. qlora: the NF4 vs bf16 LoRA memory bench instead.
+def main(records=64, cutoff_len=512, batch=8, lr=5e-4, use_4bit=False, qlora=False, arm=None, out=None, base_model="builtin:smollm2", arms=None):
+    """Args: records, cutoff_len, batch, lr: the setting. use_4bit (or qlora): the NF4 vs bf16 LoRA memory bench instead.
     arms: comma-separated subset of baseline,trl,ours to run (default all; the targets need all three)."""
     if not DATA.is_file():
         print(f"skipped: {DATA} is absent (it holds the benchmark data)")
@@ -166,7 +166,7 @@ def main(records=64, cutoff_len=512, batch=8, lr=5e-4, qlora=False, arm=None, ou
     tmp = Path(tempfile.mkdtemp(prefix="train-bench-"))
     peak_bf16, peak_fp32 = matmul_peak(torch.bfloat16), matmul_peak(torch.float32)
     print(f"matmul peak on this machine: bf16 {peak_bf16 / 1e9:.0f} GFLOP/s, fp32 {peak_fp32 / 1e9:.0f} GFLOP/s ({torch.get_num_threads()} threads)")
-    if qlora:
+    if use_4bit or qlora:
         return qlora_bench(tmp, data, cutoff_len, lr)
     from utils.errors import as_list
 
