@@ -200,7 +200,7 @@ def main(
     from transformers import Trainer, TrainingArguments, set_seed
 
     from utils.lora import find_target_modules, lora_config, save_adapter, write_run_config
-    from utils.memory import reuse_freed_memory
+    from utils.memory import return_freed_memory, reuse_freed_memory
     from utils.train import attention_for, causal_lm_loss, lora_under_autocast, needs_checkpointing, register_packed_attention, throughput_callback
 
     set_seed(seed)
@@ -208,8 +208,10 @@ def main(
     dtype = pick_dtype(precision, device)
     register_packed_attention()
     model = load_model(model_path, dtype, bits, local_files_only=local_files_only, attn_implementation=attention_for(device))
-    if device == "cpu" and bits >= 16:  # keep freed activations for the next step (see utils/memory for why not 4/8-bit)
+    if device == "cpu" and bits >= 16:  # keep freed activations for the next step
         reuse_freed_memory()
+    elif device == "cpu":  # a 4/8-bit base hands its dequantized temporaries back (utils/memory says why)
+        return_freed_memory()
     model.config.use_cache = False  # a cache would also disable packed-sequence attention
     if gradient_checkpointing == "auto":
         tokens_per_step = per_device_train_batch_size * (cutoff_len if stage == "sft" else block_size)

@@ -245,4 +245,7 @@ def qlora_bench(tmp, data, cutoff_len, lr):
 if __name__ == "__main__":
     import fire
 
+    from utils.errors import quiet_dependency_notices
+
+    quiet_dependency_notices()  # as the stage scripts do: the children's logs hold only what concerns the run
     fire.Fire(main)

@@ -4,7 +4,7 @@ glibc serves a large allocation with its own mmap and unmaps it when freed, but 
 it raises that threshold (up to 32 MB), so later tensors come from the heap, where freed memory stays
 resident. Two phases want opposite things from it:
 - loading a quantized model frees a 16-bit copy of every weight once it is quantized: that memory should go
-  back to the OS (`returning_freed_memory`);
+  back to the OS (`returning_freed_memory`, `return_freed_memory`);
 - training a 16-bit base frees and reallocates the same activations every step: that memory should be
   kept, not page-faulted and zeroed anew (`reuse_freed_memory`). A 4/8-bit base is chosen to save memory,
   and it dequantizes every weight into a fresh temporary at every use: a heap that kept those grew by
@@ -58,19 +58,29 @@ def peak_rss():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def return_freed_memory():
+    """Have glibc serve every allocation over 1 MB with its own mapping, unmapped when freed.
+
+    A fixed threshold also stops glibc from raising it after the first large free, which is what had
+    large temporaries land in the heap and stay resident. glibc cannot go back to its dynamic threshold,
+    so this holds until reuse_freed_memory (or this process ends).
+    """
+    libc = _libc()
+    return libc is not None and libc.mallopt(M_MMAP_THRESHOLD, 1 << 20) == 1
+
+
 @contextlib.contextmanager
 def returning_freed_memory():
-    """Inside: every allocation over 1 MB is its own mapping, unmapped when freed. On leaving: trim the heap.
+    """return_freed_memory, and a trimmed heap on leaving: for loading a model that is quantized as it loads.
 
     Quantizing a 1.1B model while it loads held 0.4 GB of freed 16-bit copies in the heap (1.79 GB of
     RSS after loading); with the threshold fixed and the heap trimmed it holds none (1.28 GB).
     """
-    libc = _libc()
-    if libc is not None:
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)  # a fixed threshold also stops glibc from raising it
+    return_freed_memory()
     try:
         yield
     finally:
+        libc = _libc()
         if libc is not None:
             libc.malloc_trim(0)
 

@@ -452,7 +452,7 @@ def verify_merge(out, summary, modules, replace, tok_dir, sample=8):
     params = summary["total_bytes"] / 2  # at least 2 bytes per parameter in every dtype we write
     need = params * 4 * 1.3
     avail = available_memory()
-    if avail is not None and need > avail * 0.8:
+    if need > avail * 0.8:
         return _verify_layers(out, summary, modules, replace, sample, need, avail)
     return _verify_full(out, summary, tok_dir)
 
