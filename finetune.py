@@ -10,6 +10,7 @@
 Writes to --output_dir: the PEFT adapter, the tokenizer, run_config.json (everything the later stages
 need), loss.png, and checkpoint-N/ folders.
 """
+import functools
 import math
 import os
 import time
@@ -201,7 +202,7 @@ def main(
 
     from utils.lora import find_target_modules, lora_config, save_adapter, write_run_config
     from utils.memory import return_freed_memory, reuse_freed_memory
-    from utils.train import attention_for, causal_lm_loss, lora_under_autocast, needs_checkpointing, register_packed_attention, throughput_callback
+    from utils.train import attention_for, causal_lm_loss, fast_lora, fast_norms, loss_head, needs_checkpointing, register_packed_attention, throughput_callback
 
     set_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -213,9 +214,6 @@ def main(
     elif device == "cpu":  # a 4/8-bit base hands its dequantized temporaries back (utils/memory says why)
         return_freed_memory()
     model.config.use_cache = False  # a cache would also disable packed-sequence attention
-    if gradient_checkpointing == "auto":
-        tokens_per_step = per_device_train_batch_size * (cutoff_len if stage == "sft" else block_size)
-        gradient_checkpointing = bits < 16 or needs_checkpointing(model.config, tokens_per_step, 2 if dtype != torch.float32 else 4, device)
     # A quantized base needs no more preparation than a 16-bit one: peft's prepare_model_for_kbit_training
     # would copy the embeddings, norms and lm_head to fp32 (0.8 GB more for a 1B model), and autocast
     # already computes in the half type. Whatever trains is fp32 (LoRA weights, modules_to_save copies).
@@ -224,8 +222,13 @@ def main(
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
-    if dtype in (torch.bfloat16, torch.float16):  # LoRA weights stay fp32; their matmuls run in half under autocast
-        lora_under_autocast(model)
+    fast_lora(model)  # fused LoRA layers; LoRA weights stay fp32, their matmuls run in half under autocast
+    fast_norms(model)
+    head = loss_head(model)  # the loss projects the supervised hidden states itself, without a logits tensor
+    if gradient_checkpointing == "auto":
+        length = cutoff_len if stage == "sft" else block_size
+        gradient_checkpointing = bits < 16 or needs_checkpointing(model.config, per_device_train_batch_size * length, length,
+                                                                  2 if dtype != torch.float32 else 4, device, logits=head is None)
     trainable, total = model.get_nb_trainable_parameters()
     quantized = sum(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
     say(f"base: {base_model} ({str(dtype)[6:]}, {bits}-bit, {quantized} quantized linear layers)   LoRA r={lora_r} on "
@@ -245,8 +248,8 @@ def main(
     )
     speed = throughput_callback()
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val or None,
-                      data_collator=Collator(tokenizer.pad_token_id, packing), compute_loss_func=causal_lm_loss,
-                      callbacks=[speed])
+                      data_collator=Collator(tokenizer.pad_token_id, packing, logits=head is None),
+                      compute_loss_func=functools.partial(causal_lm_loss, head=head), callbacks=[speed])
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint or None)
     if val:
         trainer.evaluate()

@@ -78,12 +78,13 @@ def test_pt_blocks(tokenizer):
 
 
 def test_packed_equals_padded(tiny_model_dir, tokenizer):
-    """The fast path (packed row, per-example attention, logits only where supervised) gives the same loss
-    and LoRA gradients as the plain padded batch with transformers' own loss."""
+    """The fast path (packed row, per-example attention, fused LoRA layers, the loss on supervised tokens
+    only, with or without a logits tensor) gives the same loss and LoRA gradients as the plain padded
+    batch with transformers' own loss."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from utils.train import PACKED_ATTENTION, causal_lm_loss, register_packed_attention
+    from utils.train import PACKED_ATTENTION, causal_lm_loss, fast_lora, loss_head, register_packed_attention
 
     register_packed_attention()
     template = load_template("auto", tokenizer)
@@ -91,25 +92,91 @@ def test_packed_equals_padded(tiny_model_dir, tokenizer):
     dialogs.append(("", [("Hi", "Hello!"), ("Name?", "Lumi.")], ""))
     examples, _ = encode_dialogs(dialogs, tokenizer, template)
     results = []
-    for packing, attention in ((True, PACKED_ATTENTION), (False, "sdpa")):
+    for packing, fast in ((False, False), (True, False), (True, True)):
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=attention)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=PACKED_ATTENTION if packing else "sdpa")
         model.config.use_cache = False
         model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
-        batch = Collator(tokenizer.pad_token_id, packing)(examples)
+        head = None
+        if fast:
+            fast_lora(model)
+            head = loss_head(model)
+            assert head is model.base_model.model.lm_head
+        batch = Collator(tokenizer.pad_token_id, packing, logits=head is None)(examples)
         if packing:
             assert batch["input_ids"].shape[0] == 1 and len(batch["logits_to_keep"]) < batch["input_ids"].shape[1] / 2
             labels = batch.pop("labels")
             outputs = model(**batch)
-            assert outputs.logits.shape[1] == len(batch["logits_to_keep"])
-            loss = causal_lm_loss(outputs, labels)
+            assert outputs.logits.shape[1] == (0 if fast else len(batch["logits_to_keep"]))
+            loss = causal_lm_loss(outputs, labels, head=head)
         else:
             loss = model(**batch).loss
         loss.backward()
         results.append((loss.item(), [p.grad for n, p in model.named_parameters() if p.requires_grad]))
-    (packed_loss, packed_grads), (padded_loss, padded_grads) = results
-    assert abs(packed_loss - padded_loss) < 1e-5
-    assert len(packed_grads) == 2 * 3 * 2 and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(packed_grads, padded_grads))
+    (padded_loss, padded_grads), *fast_paths = results
+    for loss, grads in fast_paths:
+        assert abs(loss - padded_loss) < 1e-5
+        assert len(grads) == 2 * 3 * 2 and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, padded_grads))
+
+
+def test_linear_cross_entropy_equals_full_logits(monkeypatch):
+    """_LinearCrossEntropy, in blocks of rows, gives F.cross_entropy's loss and hidden-state gradient on the
+    full logits: to fp32 rounding in fp32, and to bf16's precision under bf16 autocast."""
+    import torch.nn.functional as F
+
+    from utils.train import _LinearCrossEntropy
+
+    monkeypatch.setattr(_LinearCrossEntropy, "BLOCK", 7 * 300)  # 7 rows per block: 43 rows make 7 blocks
+    torch.manual_seed(0)
+    hidden, weight, targets = torch.randn(43, 32), torch.randn(300, 32) * 0.3, torch.randint(0, 300, (43,))
+    for autocast, tolerance in ((False, 1e-5), (True, 0.02)):
+        results = []
+        for fused in (False, True):
+            h = hidden.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                if fused:
+                    loss = _LinearCrossEntropy.apply(h, weight, targets) / 43
+                else:
+                    loss = F.cross_entropy(F.linear(h, weight).float(), targets, reduction="sum") / 43
+            loss.backward()
+            results.append((loss.item(), h.grad))
+        (want, want_grad), (got, got_grad) = results
+        assert abs(got - want) < tolerance * want
+        assert got_grad.dtype == torch.float32 and ((got_grad - want_grad).norm() / want_grad.norm()).item() < tolerance
+
+
+@pytest.mark.parametrize("keep_up_to", [1024, 0], ids=["kept probabilities", "recomputed in chunks"])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 0.03)])
+def test_causal_attention_equals_sdpa(monkeypatch, dtype, tolerance, keep_up_to):
+    """causal_attention (the CPU bf16 path of packed rows) gives causal SDPA's outputs and gradients, per
+    example, with grouped-query heads, whether an example keeps its probabilities for the backward or is
+    recomputed in chunks (examples longer than a chunk included): exactly in fp32, to bf16's precision in bf16."""
+    import torch.nn.functional as F
+
+    from utils.train import _CausalAttention, causal_attention
+
+    monkeypatch.setattr(_CausalAttention, "CHUNK", 8)
+    monkeypatch.setattr(_CausalAttention, "KEEP_UP_TO", keep_up_to)
+    lengths, heads, kv_heads, dim = [20, 1, 8, 13, 9], 6, 2, 16
+    torch.manual_seed(0)
+    inputs = [torch.randn(n, sum(lengths), dim, dtype=torch.float64) for n in (heads, kv_heads, kv_heads)]
+    grad_out = torch.randn(heads, sum(lengths), dim, dtype=torch.float64)
+
+    def run(attend, dtype):
+        q, k, v = [x.detach().to(dtype).requires_grad_() for x in inputs]
+        out = attend(q, k, v)
+        out.backward(grad_out.to(dtype))
+        return [t.double() for t in (out, q.grad, k.grad, v.grad)]
+
+    def sdpa(q, k, v):
+        k, v = k.repeat_interleave(heads // kv_heads, 0), v.repeat_interleave(heads // kv_heads, 0)
+        return torch.cat([F.scaled_dot_product_attention(*parts, is_causal=True, scale=0.3)
+                          for parts in zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1))], 1)
+
+    expected = run(sdpa, torch.float64)
+    got = run(lambda q, k, v: causal_attention(q, k, v, lengths, 0.3), dtype)
+    for name, a, b in zip(("output", "query grad", "key grad", "value grad"), got, expected):
+        assert ((a - b).norm() / b.norm()).item() < tolerance, name
 
 
 BAD_INPUTS = [

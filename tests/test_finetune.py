@@ -158,43 +158,114 @@ def test_checkpointing_turns_on_when_activations_do_not_fit(tiny_model_dir):
     from utils.train import needs_checkpointing
 
     config = AutoConfig.from_pretrained(tiny_model_dir)
-    assert not needs_checkpointing(config, 4096, 2, "cpu")
-    assert needs_checkpointing(config, 10**9, 2, "cpu")  # a billion tokens per step fits nowhere
+    assert not needs_checkpointing(config, 4096, 512, 2, "cpu")
+    assert needs_checkpointing(config, 10**9, 512, 2, "cpu")  # a billion tokens per step fits nowhere
 
 
-def test_lora_matmuls_run_in_bf16_with_fp32_weights(tiny_model_dir, tokenizer):
-    """lora_under_autocast: under bf16 autocast the LoRA path takes bf16 inputs (no fp32 copy of every
-    projection's input), while the LoRA weights and their gradients stay fp32 and agree with PEFT's own path."""
+def test_fused_lora_layers_equal_peft(tiny_model_dir, tokenizer, monkeypatch):
+    """fast_lora: the fused LoRA layers give PEFT's own loss and gradients, exactly in fp32; under bf16
+    autocast they compute in bf16 while the LoRA weights and their gradients stay fp32. Layers it does not
+    cover (dropout while training, a disabled adapter) fall back to PEFT's forward."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    import utils.train
     from utils.data import Collator, encode_dialogs
     from utils.templates import load_template
-    from utils.train import PACKED_ATTENTION, causal_lm_loss, lora_under_autocast, register_packed_attention
+    from utils.train import PACKED_ATTENTION, causal_lm_loss, fast_lora, register_packed_attention
 
     register_packed_attention()
     dialogs = [("", [("q" * n, "answer " * (n % 5 + 1))], "") for n in (3, 11, 25)]
     batch = Collator(tokenizer.pad_token_id)(encode_dialogs(dialogs, tokenizer, load_template("auto", tokenizer))[0])
     labels = batch.pop("labels")
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16, attn_implementation=PACKED_ATTENTION)
-    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
-    seen = []
-    hook = model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].register_forward_pre_hook(
-        lambda module, args: seen.append(args[0].dtype))
-    results = []
-    for fast in (False, True):
+    calls = []
+    fused_apply = utils.train._LoraLinear.apply
+    monkeypatch.setattr(utils.train._LoraLinear, "apply", lambda *args: calls.append(1) or fused_apply(*args))
+
+    def run(dtype, fast, dropout=0.0, autocast=False):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype, attn_implementation=PACKED_ATTENTION)
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=dropout,
+                                                 init_lora_weights=False))
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
         if fast:
-            lora_under_autocast(model)
-        model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast_lora(model)
+        calls.clear()
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = causal_lm_loss(model(**batch), labels)
         loss.backward()
-        results.append((loss.item(), [p.grad for p in model.parameters() if p.requires_grad]))
-    hook.remove()
-    assert seen == [torch.float32, torch.bfloat16]  # PEFT's own path copied the input to fp32; ours does not
-    (slow_loss, slow_grads), (fast_loss, fast_grads) = results
-    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
-    assert all(g.dtype == torch.float32 for g in fast_grads) and abs(fast_loss - slow_loss) < 0.02 * slow_loss
-    cosine = [torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item() for a, b in zip(slow_grads, fast_grads)]
+        with model.disable_adapter(), torch.no_grad():
+            base_logits = model(**batch).logits
+        return loss.item(), [p.grad for p in model.parameters() if p.requires_grad], len(calls), base_logits
+
+    peft_loss, peft_grads, _, peft_base = run(torch.float32, fast=False)
+    loss, grads, fused_calls, base = run(torch.float32, fast=True)
+    assert fused_calls == 2 * 3  # every adapted projection of both layers ran fused; the adapter-disabled pass did not
+    assert abs(loss - peft_loss) < 1e-6 and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, peft_grads))
+    assert torch.equal(base, peft_base)
+
+    peft_loss, peft_grads, *_ = run(torch.bfloat16, fast=False, autocast=True)
+    loss, grads, fused_calls, _ = run(torch.bfloat16, fast=True, autocast=True)
+    assert fused_calls == 6 and all(g.dtype == torch.float32 for g in grads) and abs(loss - peft_loss) < 0.02 * peft_loss
+    cosine = [torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item() for a, b in zip(grads, peft_grads)]
     assert min(cosine) > 0.99
+
+    peft_loss, peft_grads, *_ = run(torch.float32, fast=False, dropout=0.3)
+    loss, grads, fused_calls, _ = run(torch.float32, fast=True, dropout=0.3)
+    assert fused_calls == 0 and loss == peft_loss and all(torch.equal(a, b) for a, b in zip(grads, peft_grads))
+
+
+def test_fused_lora_layer_with_bias():
+    """A base projection with a bias (Qwen2's q/k/v) fused: output and every gradient equal PEFT's."""
+    from peft import LoraConfig, get_peft_model
+
+    from utils.train import fast_lora
+
+    grads = []
+    for fast in (False, True):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(16, 24, bias=True))
+        model = get_peft_model(net, LoraConfig(r=4, target_modules=["0"], init_lora_weights=False))
+        if fast:
+            fast_lora(model)
+        x = torch.randn(2, 5, 16, requires_grad=True)
+        out = model(x)
+        out.pow(2).sum().backward()
+        grads.append([out, x.grad] + [p.grad for p in model.parameters() if p.requires_grad])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_fast_norms_equal_transformers(tiny_model_dir, tokenizer):
+    """fast_norms: every RMSNorm of the model runs as _RMSNorm, with transformers' loss and gradients (norm
+    weights trained too), to fp32 rounding; every class it accepts computes exactly LlamaRMSNorm's forward."""
+    import importlib
+    import inspect
+
+    from transformers import AutoModelForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from utils.data import Collator, encode_dialogs
+    from utils.templates import load_template
+    from utils.train import LLAMA_RMS_NORMS, fast_norms
+
+    batch = Collator(tokenizer.pad_token_id, packing=False)(encode_dialogs(
+        [("", [("q" * n, "answer " * (n % 5 + 1))], "") for n in (3, 11, 25)], tokenizer, load_template("auto", tokenizer))[0])
+    results = []
+    for fast in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        if fast:
+            assert fast_norms(model) == 2 * 2 + 1
+        loss = model(**batch).loss
+        loss.backward()
+        results.append((loss.item(), [p.grad for n, p in model.named_parameters() if "norm" in n]))
+    (want, want_grads), (got, got_grads) = results
+    assert abs(got - want) < 1e-6 and len(got_grads) == 5
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(got_grads, want_grads))
+
+    for name in LLAMA_RMS_NORMS:
+        model_type = {"Qwen2Moe": "qwen2_moe", "Qwen3Moe": "qwen3_moe", "SmolLM3": "smollm3"}.get(name[:-7], name[:-7].lower())
+        cls = getattr(importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}"), name)
+        assert inspect.getsource(cls.forward) == inspect.getsource(LlamaRMSNorm.forward), name

@@ -251,10 +251,27 @@ def modelfile(gguf_path, tokenizer):
 
 
 def llama_cpp_greedy(gguf_path, prompt_ids, max_new_tokens=16):
-    """llama.cpp's greedy continuation (token ids) of each prompt, through llama-cpp-python."""
+    """llama.cpp's greedy continuation (token ids) of each prompt, through llama-cpp-python.
+
+    Weights stay in llama.cpp's plain CPU buffers: on CPUs with AMX, its repacked AMX buffers segfault in
+    the first q8_0 matmul (llama.cpp issue 20824, seen on this project's test machine). Llama() takes no
+    such setting, so its default model parameters are patched while it loads.
+    """
+    import llama_cpp
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(gguf_path), n_ctx=512, n_threads=2, verbose=False, logits_all=False)
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def without_repacking():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_cpp.llama_model_default_params = without_repacking
+    try:
+        llm = Llama(model_path=str(gguf_path), n_ctx=512, n_threads=2, verbose=False, logits_all=False)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = defaults
     outs = []
     for ids in prompt_ids:
         llm.reset()
