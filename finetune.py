@@ -249,7 +249,8 @@ def main(
     speed = throughput_callback()
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val or None,
                       data_collator=Collator(tokenizer.pad_token_id, packing, logits=head is None),
-                      compute_loss_func=functools.partial(causal_lm_loss, head=head), callbacks=[speed])
+                      compute_loss_func=functools.partial(causal_lm_loss, head=head, workspace={} if bits >= 16 else None),
+                      callbacks=[speed])
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint or None)
     if val:
         trainer.evaluate()
