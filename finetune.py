@@ -202,7 +202,7 @@ def main(
 
     from utils.lora import find_target_modules, lora_config, save_adapter, write_run_config
     from utils.memory import return_freed_memory, reuse_freed_memory
-    from utils.train import attention_for, causal_lm_loss, fast_lora, fast_norms, loss_head, needs_checkpointing, register_packed_attention, throughput_callback
+    from utils.train import attention_for, causal_lm_loss, fast_lora, fast_norms, needs_checkpointing, project_in_loss, register_packed_attention, throughput_callback
 
     set_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -224,7 +224,7 @@ def main(
             param.data = param.data.float()
     fast_lora(model)  # fused LoRA layers; LoRA weights stay fp32, their matmuls run in half under autocast
     fast_norms(model)
-    head = loss_head(model)  # the loss projects the supervised hidden states itself, without a logits tensor
+    head = project_in_loss(model)  # the loss projects the supervised hidden states, without a logits tensor
     if gradient_checkpointing == "auto":
         length = cutoff_len if stage == "sft" else block_size
         gradient_checkpointing = bits < 16 or needs_checkpointing(model.config, per_device_train_batch_size * length, length,
@@ -248,7 +248,7 @@ def main(
     )
     speed = throughput_callback()
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val or None,
-                      data_collator=Collator(tokenizer.pad_token_id, packing, logits=head is None),
+                      data_collator=Collator(tokenizer.pad_token_id, packing),
                       compute_loss_func=functools.partial(causal_lm_loss, head=head, workspace={} if bits >= 16 else None),
                       callbacks=[speed])
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint or None)

@@ -79,12 +79,12 @@ def test_pt_blocks(tokenizer):
 
 def test_packed_equals_padded(tiny_model_dir, tokenizer):
     """The fast path (packed row, per-example attention, fused LoRA layers, the loss on supervised tokens
-    only, with or without a logits tensor) gives the same loss and LoRA gradients as the plain padded
-    batch with transformers' own loss."""
+    only, with logits or projected in the loss) gives the same loss and LoRA gradients as the plain padded
+    batch with transformers' own loss; so does a padded batch whose loss is projected in the loss."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from utils.train import PACKED_ATTENTION, causal_lm_loss, fast_lora, loss_head, register_packed_attention
+    from utils.train import PACKED_ATTENTION, causal_lm_loss, fast_lora, project_in_loss, register_packed_attention
 
     register_packed_attention()
     template = load_template("auto", tokenizer)
@@ -92,7 +92,7 @@ def test_packed_equals_padded(tiny_model_dir, tokenizer):
     dialogs.append(("", [("Hi", "Hello!"), ("Name?", "Lumi.")], ""))
     examples, _ = encode_dialogs(dialogs, tokenizer, template)
     results = []
-    for packing, fast in ((False, False), (True, False), (True, True)):
+    for packing, fast in ((False, False), (True, False), (True, True), (False, True)):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=PACKED_ATTENTION if packing else "sdpa")
         model.config.use_cache = False
@@ -100,14 +100,16 @@ def test_packed_equals_padded(tiny_model_dir, tokenizer):
         head = None
         if fast:
             fast_lora(model)
-            head = loss_head(model)
+            head = project_in_loss(model)
             assert head is model.base_model.model.lm_head
-        batch = Collator(tokenizer.pad_token_id, packing, logits=head is None)(examples)
+        batch = Collator(tokenizer.pad_token_id, packing)(examples)
         if packing:
             assert batch["input_ids"].shape[0] == 1 and len(batch["logits_to_keep"]) < batch["input_ids"].shape[1] / 2
+        if packing or fast:
             labels = batch.pop("labels")
             outputs = model(**batch)
-            assert outputs.logits.shape[1] == (0 if fast else len(batch["logits_to_keep"]))
+            rows = len(batch["logits_to_keep"]) if packing else batch["input_ids"].shape[1]
+            assert outputs.logits.shape[1:] == (rows, model.config.hidden_size if fast else model.config.vocab_size)
             loss = causal_lm_loss(outputs, labels, head=head)
         else:
             loss = model(**batch).loss

@@ -325,13 +325,10 @@ class Collator:
     position_ids when no attention_mask is given), and each example's first label is masked so no
     example learns from its neighbour. Loss and gradients equal the padded computation. It also sends
     logits_to_keep, the positions whose next token is supervised (see utils/train.py).
-
-    logits=False asks the model for no logits at all, only its hidden states, for a loss that projects
-    the supervised ones itself (utils.train.loss_head).
     """
 
-    def __init__(self, pad_token_id, packing=True, logits=True):
-        self.pad_token_id, self.packing, self.logits = pad_token_id, packing, logits
+    def __init__(self, pad_token_id, packing=True):
+        self.pad_token_id, self.packing = pad_token_id, packing
 
     def __call__(self, features):
         import numpy as np
@@ -343,9 +340,8 @@ class Collator:
             row_labels = np.concatenate([np.concatenate([[IGNORE], l[1:]]) for l in labels])
             positions = np.concatenate([np.arange(len(i)) for i in ids])
             targets = torch.from_numpy(row_labels[1:])
-            batch = {"input_ids": torch.from_numpy(np.concatenate(ids))[None], "labels": torch.from_numpy(row_labels)[None],
-                     "position_ids": torch.from_numpy(positions)[None], "logits_to_keep": (targets != IGNORE).nonzero().flatten()}
-            return batch if self.logits else self.without_logits(batch)
+            return {"input_ids": torch.from_numpy(np.concatenate(ids))[None], "labels": torch.from_numpy(row_labels)[None],
+                    "position_ids": torch.from_numpy(positions)[None], "logits_to_keep": (targets != IGNORE).nonzero().flatten()}
         width = max(len(i) for i in ids)
         batch = {"input_ids": torch.full((len(ids), width), self.pad_token_id), "labels": torch.full((len(ids), width), IGNORE),
                  "attention_mask": torch.zeros((len(ids), width), dtype=torch.long)}
@@ -353,10 +349,4 @@ class Collator:
             batch["input_ids"][row, :len(i)] = torch.from_numpy(i)
             batch["labels"][row, :len(l)] = torch.from_numpy(l)
             batch["attention_mask"][row, :len(i)] = 1
-        return batch if self.logits else self.without_logits(batch)
-
-    @staticmethod
-    def without_logits(batch):
-        import torch
-
-        return {**batch, "logits_to_keep": torch.zeros(0, dtype=torch.long), "output_hidden_states": True}
+        return batch

@@ -134,24 +134,23 @@ def causal_lm_loss(outputs, labels, num_items_in_batch=None, head=None, workspac
     """Summed next-token cross-entropy over supervised tokens, divided by their count (Trainer's
     num_items_in_batch, which spans gradient accumulation and devices, when given).
 
-    With `head` (see `loss_head`) the model computed no logits: the supervised positions of its final
-    hidden states go through `_LinearCrossEntropy`, which keeps its blocks in `workspace` (a dict) from
-    one call to the next when given. Otherwise the logits cover the supervised positions
-    in order (the collator's logits_to_keep), or all positions.
+    outputs["logits"] covers the supervised positions in order (the collator's logits_to_keep), or all
+    positions. With `head` (see `project_in_loss`) it holds their final hidden states instead, and
+    `_LinearCrossEntropy` projects them, keeping its blocks in `workspace` (a dict) from one call to the
+    next when given.
     """
-    if head is not None:
-        supervised = labels[:, 1:] != IGNORE
-        hidden = outputs["hidden_states"][-1][:, :-1][supervised.to(outputs["hidden_states"][-1].device)]
-        targets = labels[:, 1:][supervised].to(hidden.device)
-        loss = _LinearCrossEntropy.apply(hidden, head.weight, targets, workspace)
+    logits = outputs["logits"]
+    if logits.shape[1] == labels.shape[1]:
+        logits, targets = logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten().to(logits.device)
+        if head is not None:
+            logits, targets = logits[targets != IGNORE], targets[targets != IGNORE]
     else:
-        logits = outputs["logits"]
-        if logits.shape[1] == labels.shape[1]:
-            logits, targets = logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
-        else:
-            targets = labels[:, 1:][labels[:, 1:] != IGNORE]
-            logits = logits.flatten(0, 1)
-        loss = F.cross_entropy(logits.float(), targets.to(logits.device), ignore_index=IGNORE, reduction="sum")
+        targets = labels[:, 1:][labels[:, 1:] != IGNORE].to(logits.device)
+        logits = logits.flatten(0, 1)
+    if head is not None:
+        loss = _LinearCrossEntropy.apply(logits, head.weight, targets, workspace)
+    else:
+        loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
     count = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE).sum().clamp(min=1)
     return loss / count
 
@@ -160,13 +159,19 @@ def causal_lm_loss(outputs, labels, num_items_in_batch=None, head=None, workspac
 PLAIN_HEAD_MODELS = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "phi3", "olmo", "olmo2", "starcoder2"}
 
 
-def loss_head(model):
-    """The output projection, when the loss can skip the logits tensor (`_LinearCrossEntropy`): a frozen
-    bias-free nn.Linear on an architecture in PLAIN_HEAD_MODELS. None otherwise (lm_head trained or adapted,
-    or an unknown architecture), and the loss runs on logits."""
+def project_in_loss(model):
+    """Have the output projection hand its input rows through, for causal_lm_loss to project (returns the
+    head), when it is a frozen bias-free nn.Linear on an architecture in PLAIN_HEAD_MODELS; else None,
+    and the model computes its logits as usual (lm_head trained or adapted, or an unknown architecture).
+
+    For training only: the model's "logits" are then the final hidden states of the positions asked for.
+    """
+    import types
+
     head = model.get_output_embeddings()
     if (type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
             and model.config.model_type in PLAIN_HEAD_MODELS):
+        head.forward = types.MethodType(lambda self, hidden_states: hidden_states, head)
         return head
     return None
 
