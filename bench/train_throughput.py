@@ -162,7 +162,9 @@ def main(records=64, cutoff_len=512, batch=8, lr=5e-4, use_4bit=False, qlora=Fal
     import importlib.util
 
     import torch
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # the eval loads would print "Loading weights" bars into the table
     tmp = Path(tempfile.mkdtemp(prefix="train-bench-"))
     peak_bf16, peak_fp32 = matmul_peak(torch.bfloat16), matmul_peak(torch.float32)
     print(f"matmul peak on this machine: bf16 {peak_bf16 / 1e9:.0f} GFLOP/s, fp32 {peak_fp32 / 1e9:.0f} GFLOP/s ({torch.get_num_threads()} threads)")

@@ -1,9 +1,13 @@
-"""The fast training path: block-diagonal attention for packed rows, and the loss on supervised tokens only.
+"""The fast training path: block-diagonal attention for packed rows, the loss on supervised tokens only,
+fused LoRA layers and RMSNorm.
 
 A packed row holds several examples; position_ids restart at 0 at each one. Rather than build an L x L mask
-(quadratic in the row's length), `packed_sdpa` runs causal SDPA on each example's slice. The collator also
-sends `logits_to_keep`, the positions whose next token is supervised, so lm_head and the cross-entropy run
-only there: prompt tokens never reach the vocabulary projection.
+(quadratic in the row's length), `packed_sdpa` runs causal attention on each example's slice. The collator
+also sends `logits_to_keep`, the positions whose next token is supervised, so lm_head and the cross-entropy
+run only there: prompt tokens never reach the vocabulary projection. `project_in_loss` goes one step further
+and lets the loss project those rows block by block, so no logits tensor exists. `fast_lora` and
+`fast_norms` replace the forward of PEFT's LoRA layers and of the model's RMSNorms with fused autograd
+functions that compute the same values.
 """
 import torch
 import torch.nn.functional as F
@@ -180,8 +184,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of hidden @ weight^T against targets, without the (tokens x vocabulary) logits.
 
     The logits exist one block of rows at a time, BLOCK values each, in a workspace that a training run
-    keeps from call to call (80 MB for BLOCK = 2^23; a memory-first run lets it go). A full-batch cross-entropy allocates about 1.3 GB of fp32 logits,
-    log-probabilities and their gradients at every step; blocks allocated anew still page-fault (glibc's
+    keeps from call to call (80 MB for BLOCK = 2^23; a memory-first run lets it go). A full-batch
+    cross-entropy allocates about 1.3 GB of fp32 logits, log-probabilities and their gradients at every
+    step; blocks allocated anew still page-fault (glibc's
     aligned allocations rarely reuse a freed block of the same size): 0.30 s per 1000 supervised tokens
     of the built-in model inside a training step here, 0.19 s with the workspace. The logits' gradient,
     softmax minus one-hot, turns into the hidden states' gradient while its block exists, in the forward;
