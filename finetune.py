@@ -202,10 +202,13 @@ def main(
 
     from utils.lora import find_target_modules, lora_config, save_adapter, write_run_config
     from utils.memory import return_freed_memory, reuse_freed_memory
-    from utils.train import attention_for, causal_lm_loss, fast_lora, fast_norms, needs_checkpointing, project_in_loss, register_packed_attention, throughput_callback
+    from utils.train import (attention_for, causal_lm_loss, cpu_threads, fast_lora, fast_norms, needs_checkpointing, project_in_loss,
+                             register_packed_attention, throughput_callback)
 
     set_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(cpu_threads())
     dtype = pick_dtype(precision, device)
     register_packed_attention()
     model = load_model(model_path, dtype, bits, local_files_only=local_files_only, attn_implementation=attention_for(device))
@@ -232,7 +235,8 @@ def main(
     trainable, total = model.get_nb_trainable_parameters()
     quantized = sum(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
     say(f"base: {base_model} ({str(dtype)[6:]}, {bits}-bit, {quantized} quantized linear layers)   LoRA r={lora_r} on "
-        f"{', '.join(targets)}   trainable {trainable:,} of {total:,} parameters   activation checkpointing: {'on' if gradient_checkpointing else 'off'}")
+        f"{', '.join(targets)}   trainable {trainable:,} of {total:,} parameters   activation checkpointing: {'on' if gradient_checkpointing else 'off'}"
+        + (f"   {torch.get_num_threads()} CPU threads" if device == "cpu" else ""))
 
     # --- train ------------------------------------------------------------------------------------
     args = TrainingArguments(

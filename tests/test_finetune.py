@@ -162,6 +162,42 @@ def test_checkpointing_turns_on_when_activations_do_not_fit(tiny_model_dir):
     assert needs_checkpointing(config, 10**9, 512, 2, "cpu")  # a billion tokens per step fits nowhere
 
 
+def test_cpu_threads_follow_the_cgroup_quota(tmp_path, monkeypatch):
+    """A container's CPU quota caps the training threads (torch counts the host's cores); the smallest
+    quota on the way up to the root counts; cgroup v1 too; OMP_NUM_THREADS, when set, decides instead."""
+    import utils.train
+    from utils.train import cpu_quota, cpu_threads
+
+    v2 = tmp_path / "v2"
+    (v2 / "job" / "step").mkdir(parents=True)
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cpu_quota(v2, "/job/step") is None
+    (v2 / "job" / "cpu.max").write_text("250000 100000\n")
+    (v2 / "job" / "step" / "cpu.max").write_text("max 100000\n")
+    assert cpu_quota(v2, "/job/step") == 2.5
+    (v2 / "job" / "step" / "cpu.max").write_text("50000 100000\n")
+    assert cpu_quota(v2, "/job/step") == 0.5
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpu_quota(v1, "/") is None
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    assert cpu_quota(v1, "/") == 3.0
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    monkeypatch.setattr(utils.train, "cpu_quota", lambda: 2.5)
+    assert cpu_threads() == 3
+    monkeypatch.setattr(utils.train, "cpu_quota", lambda: 0.5)
+    assert cpu_threads() == 1
+    monkeypatch.setattr(utils.train, "cpu_quota", lambda: None)
+    assert cpu_threads() == 16
+    monkeypatch.setattr(utils.train, "cpu_quota", lambda: 2.0)
+    monkeypatch.setenv("OMP_NUM_THREADS", "16")
+    assert cpu_threads() == 16
+
+
 def test_fused_lora_layers_equal_peft(tiny_model_dir, tokenizer, monkeypatch):
     """fast_lora: the fused LoRA layers give PEFT's own loss and gradients, exactly in fp32; under bf16
     autocast they compute in bf16 while the LoRA weights and their gradients stay fp32. Layers it does not

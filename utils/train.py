@@ -9,6 +9,8 @@ and lets the loss project those rows block by block, so no logits tensor exists.
 `fast_norms` replace the forward of PEFT's LoRA layers and of the model's RMSNorms with fused autograd
 functions that compute the same values.
 """
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -358,6 +360,46 @@ def attention_for(device):
     if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return PACKED_ATTENTION
+
+
+def cpu_threads():
+    """Threads for CPU training: torch's default (the physical cores this process may run on), capped by
+    the CPU quota of its cgroup (`docker run --cpus=N`), which torch does not read: 16 threads sharing a
+    2-CPU quota stall each other at every parallel region. OMP_NUM_THREADS, when set (torchrun sets it
+    to 1 for several processes per machine), is left to decide.
+    """
+    import math
+
+    threads = torch.get_num_threads()
+    quota = None if os.environ.get("OMP_NUM_THREADS") else cpu_quota()
+    return threads if quota is None else max(1, min(threads, math.ceil(quota)))
+
+
+def cpu_quota(root="/sys/fs/cgroup", own=None):
+    """CPUs this process's cgroup quota allows (0.5 for "50000 100000"), None when unlimited or unknown.
+
+    cgroup v2: the smallest cpu.max from the process's own group (`own`, from /proc/self/cgroup) up to
+    the root; cgroup v1: cpu/cpu.cfs_quota_us over cpu/cpu.cfs_period_us.
+    """
+    from pathlib import Path
+
+    root, quotas = Path(root), []
+    try:
+        if own is None:
+            own = next((line[3:].strip() for line in Path("/proc/self/cgroup").read_text().splitlines() if line.startswith("0::")), "/")
+        folder = root / own.lstrip("/")
+        for group in [folder, *folder.parents]:
+            if (group / "cpu.max").is_file():
+                limit, period = (group / "cpu.max").read_text().split()[:2]
+                quotas += [] if limit == "max" else [int(limit) / int(period)]
+            if group == root:
+                break
+        v1 = root / "cpu" / "cpu.cfs_quota_us"
+        if v1.is_file() and int(v1.read_text()) > 0:
+            quotas.append(int(v1.read_text()) / int((root / "cpu" / "cpu.cfs_period_us").read_text()))
+    except (OSError, ValueError, StopIteration):
+        return None
+    return min(quotas, default=None)
 
 
 def throughput_callback():
