@@ -18,7 +18,7 @@ from pathlib import Path
 
 from utils.data import Collator, cache_key, cached, encode_dialogs, encode_texts, read_dialogs, read_texts, split_validation, summary
 from utils.errors import UserError, as_list, is_main_process, run_cli
-from utils.model import BUILTIN, load_model, load_tokenizer, pick_dtype, resolve_model_path
+from utils.model import BUILTIN, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
 
 DEMO_DATA = Path(__file__).resolve().parent / "data" / "demo.json"
 
@@ -202,17 +202,16 @@ def main(
 
     from utils.lora import find_target_modules, lora_config, save_adapter, write_run_config
     from utils.memory import return_freed_memory, reuse_freed_memory
-    from utils.train import (attention_for, causal_lm_loss, cpu_threads, fast_lora, fast_norms, needs_checkpointing, project_in_loss,
-                             register_packed_attention, throughput_callback)
+    from utils.train import (attention_for, causal_lm_loss, fast_lora, fast_norms, needs_checkpointing, project_in_loss, register_packed_attention,
+                             throughput_callback)
 
     set_seed(seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        torch.set_num_threads(cpu_threads())
+    device = pick_device()
     dtype = pick_dtype(precision, device)
     register_packed_attention()
     model = load_model(model_path, dtype, bits, local_files_only=local_files_only, attn_implementation=attention_for(device))
-    if device == "cpu" and bits >= 16:  # keep freed activations for the next step
+    memory_first = bits < 16  # a 4/8-bit base exists to save memory: recompute activations, return freed memory
+    if device == "cpu" and not memory_first:  # keep freed activations for the next step
         reuse_freed_memory()
     elif device == "cpu":  # a 4/8-bit base hands its dequantized temporaries back (utils/memory says why)
         return_freed_memory()
@@ -230,8 +229,8 @@ def main(
     head = project_in_loss(model)  # the loss projects the supervised hidden states, without a logits tensor
     if gradient_checkpointing == "auto":
         length = cutoff_len if stage == "sft" else block_size
-        gradient_checkpointing = bits < 16 or needs_checkpointing(model.config, per_device_train_batch_size * length, length,
-                                                                  2 if dtype != torch.float32 else 4, device, logits=head is None)
+        gradient_checkpointing = memory_first or needs_checkpointing(model.config, per_device_train_batch_size * length, length,
+                                                                     dtype.itemsize, device, logits=head is None)
     trainable, total = model.get_nb_trainable_parameters()
     quantized = sum(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
     say(f"base: {base_model} ({str(dtype)[6:]}, {bits}-bit, {quantized} quantized linear layers)   LoRA r={lora_r} on "
@@ -253,7 +252,7 @@ def main(
     speed = throughput_callback()
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val or None,
                       data_collator=Collator(tokenizer.pad_token_id, packing),
-                      compute_loss_func=functools.partial(causal_lm_loss, head=head, workspace={} if bits >= 16 else None),
+                      compute_loss_func=functools.partial(causal_lm_loss, head=head, workspace=None if memory_first else {}),
                       callbacks=[speed])
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint or None)
     if val:

@@ -165,8 +165,8 @@ def test_checkpointing_turns_on_when_activations_do_not_fit(tiny_model_dir):
 def test_cpu_threads_follow_the_cgroup_quota(tmp_path, monkeypatch):
     """A container's CPU quota caps the training threads (torch counts the host's cores); the smallest
     quota on the way up to the root counts; cgroup v1 too; OMP_NUM_THREADS, when set, decides instead."""
-    import utils.train
-    from utils.train import cpu_quota, cpu_threads
+    import utils.model
+    from utils.model import cpu_quota, cpu_threads
 
     v2 = tmp_path / "v2"
     (v2 / "job" / "step").mkdir(parents=True)
@@ -187,13 +187,13 @@ def test_cpu_threads_follow_the_cgroup_quota(tmp_path, monkeypatch):
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
-    monkeypatch.setattr(utils.train, "cpu_quota", lambda: 2.5)
+    monkeypatch.setattr(utils.model, "cpu_quota", lambda: 2.5)
     assert cpu_threads() == 3
-    monkeypatch.setattr(utils.train, "cpu_quota", lambda: 0.5)
+    monkeypatch.setattr(utils.model, "cpu_quota", lambda: 0.5)
     assert cpu_threads() == 1
-    monkeypatch.setattr(utils.train, "cpu_quota", lambda: None)
+    monkeypatch.setattr(utils.model, "cpu_quota", lambda: None)
     assert cpu_threads() == 16
-    monkeypatch.setattr(utils.train, "cpu_quota", lambda: 2.0)
+    monkeypatch.setattr(utils.model, "cpu_quota", lambda: 2.0)
     monkeypatch.setenv("OMP_NUM_THREADS", "16")
     assert cpu_threads() == 16
 

@@ -143,6 +143,52 @@ def device_supports_bf16(device="cpu"):
     return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
 
 
+def pick_device():
+    """"cuda" when a GPU is visible; else "cpu", with torch's threads capped by the CPU quota (cpu_threads)."""
+    if torch.cuda.is_available():
+        return "cuda"
+    torch.set_num_threads(cpu_threads())
+    return "cpu"
+
+
+def cpu_threads():
+    """Threads for CPU work: torch's default (the physical cores this process may run on), capped by the
+    CPU quota of its cgroup (`docker run --cpus=N`), which torch does not read: 16 threads sharing a
+    2-CPU quota stall each other at every parallel region. OMP_NUM_THREADS, when set (torchrun sets it
+    to 1 for several processes per machine), is left to decide.
+    """
+    import math
+
+    threads = torch.get_num_threads()
+    quota = None if os.environ.get("OMP_NUM_THREADS") else cpu_quota()
+    return threads if quota is None else max(1, min(threads, math.ceil(quota)))
+
+
+def cpu_quota(root="/sys/fs/cgroup", own=None):
+    """CPUs this process's cgroup quota allows (0.5 for "50000 100000"), None when unlimited or unknown.
+
+    cgroup v2: the smallest cpu.max from the process's own group (`own`, from /proc/self/cgroup) up to
+    the root; cgroup v1: cpu/cpu.cfs_quota_us over cpu/cpu.cfs_period_us.
+    """
+    root, quotas = Path(root), []
+    try:
+        if own is None:
+            own = next((line[3:] for line in Path("/proc/self/cgroup").read_text().splitlines() if line.startswith("0::")), "/")
+        folder = root / own.strip().lstrip("/")
+        for group in [folder, *folder.parents]:
+            if (group / "cpu.max").is_file():
+                limit, period = (group / "cpu.max").read_text().split()[:2]
+                quotas += [] if limit == "max" else [int(limit) / int(period)]
+            if group == root:
+                break
+        if (root / "cpu" / "cpu.cfs_quota_us").is_file():
+            limit = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+            quotas += [limit / int((root / "cpu" / "cpu.cfs_period_us").read_text())] if limit > 0 else []
+    except (OSError, ValueError):
+        return None
+    return min(quotas, default=None)
+
+
 def pick_dtype(precision, device):
     """--precision auto|bf16|fp16|fp32 to a torch dtype for the frozen base weights."""
     table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -275,7 +321,7 @@ def load_for_inference(model_path=None, lora_model=None, base_model=None, templa
     from utils.lora import adapter_base, read_run_config
     from utils.templates import resolve_template
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device()
     dtype = pick_dtype(precision, device)
     run_config = None
     if lora_model:

@@ -9,7 +9,7 @@ and lets the loss project those rows block by block, so no logits tensor exists.
 `fast_norms` replace the forward of PEFT's LoRA layers and of the model's RMSNorms with fused autograd
 functions that compute the same values.
 """
-import os
+import types
 
 import torch
 import torch.nn.functional as F
@@ -172,14 +172,17 @@ def project_in_loss(model):
 
     For training only: the model's "logits" are then the final hidden states of the positions asked for.
     """
-    import types
-
     head = model.get_output_embeddings()
     if (type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
             and model.config.model_type in PLAIN_HEAD_MODELS):
         head.forward = types.MethodType(lambda self, hidden_states: hidden_states, head)
         return head
     return None
+
+
+def _compute_dtype(device, default):
+    """The dtype a layer computes in: autocast's when it is on for the device, else `default`."""
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else default
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -203,7 +206,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         device = hidden.device.type
         # the head's dtype, or autocast's, as lm_head would compute: Trainer calls the loss outside autocast,
         # with the hidden states converted to fp32 (accelerate's convert_outputs_to_fp32)
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        dtype = _compute_dtype(device, weight.dtype)
         rows = max(1, _LinearCrossEntropy.BLOCK // weight.shape[0])
         key = (rows, weight.shape[0], dtype, hidden.device)
         workspace = {} if workspace is None else workspace
@@ -245,8 +248,6 @@ def fast_lora(model):
     against PEFT's 10.8 ms (the bare frozen matmul: 3.1 ms). Any other layer (a 4/8-bit base, dropout,
     several adapters) keeps PEFT's forward, but without its fp32 copy of every input under autocast.
     """
-    import types
-
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -280,7 +281,7 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
         device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        dtype = _compute_dtype(device, x.dtype)
         with torch.autocast(device, enabled=False):
             rows = x.reshape(-1, x.shape[-1]).to(dtype)
             w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
@@ -314,8 +315,6 @@ LLAMA_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMS
 
 def fast_norms(model):
     """Run every LLaMA-style RMSNorm of the model as `_RMSNorm`; returns how many."""
-    import types
-
     norms = [m for m in model.modules() if type(m).__name__ in LLAMA_RMS_NORMS]
     for module in norms:
         module.forward = types.MethodType(lambda self, hidden_states: _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon), module)
@@ -360,46 +359,6 @@ def attention_for(device):
     if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return PACKED_ATTENTION
-
-
-def cpu_threads():
-    """Threads for CPU training: torch's default (the physical cores this process may run on), capped by
-    the CPU quota of its cgroup (`docker run --cpus=N`), which torch does not read: 16 threads sharing a
-    2-CPU quota stall each other at every parallel region. OMP_NUM_THREADS, when set (torchrun sets it
-    to 1 for several processes per machine), is left to decide.
-    """
-    import math
-
-    threads = torch.get_num_threads()
-    quota = None if os.environ.get("OMP_NUM_THREADS") else cpu_quota()
-    return threads if quota is None else max(1, min(threads, math.ceil(quota)))
-
-
-def cpu_quota(root="/sys/fs/cgroup", own=None):
-    """CPUs this process's cgroup quota allows (0.5 for "50000 100000"), None when unlimited or unknown.
-
-    cgroup v2: the smallest cpu.max from the process's own group (`own`, from /proc/self/cgroup) up to
-    the root; cgroup v1: cpu/cpu.cfs_quota_us over cpu/cpu.cfs_period_us.
-    """
-    from pathlib import Path
-
-    root, quotas = Path(root), []
-    try:
-        if own is None:
-            own = next((line[3:].strip() for line in Path("/proc/self/cgroup").read_text().splitlines() if line.startswith("0::")), "/")
-        folder = root / own.lstrip("/")
-        for group in [folder, *folder.parents]:
-            if (group / "cpu.max").is_file():
-                limit, period = (group / "cpu.max").read_text().split()[:2]
-                quotas += [] if limit == "max" else [int(limit) / int(period)]
-            if group == root:
-                break
-        v1 = root / "cpu" / "cpu.cfs_quota_us"
-        if v1.is_file() and int(v1.read_text()) > 0:
-            quotas.append(int(v1.read_text()) / int((root / "cpu" / "cpu.cfs_period_us").read_text()))
-    except (OSError, ValueError, StopIteration):
-        return None
-    return min(quotas, default=None)
 
 
 def throughput_callback():
