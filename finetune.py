@@ -16,9 +16,11 @@ import os
 import time
 from pathlib import Path
 
-from utils.data import Collator, cache_key, cached, encode_dialogs, encode_texts, read_dialogs, read_texts, split_validation, summary
+from utils.data import Collator, Encoder, split_validation, summary
 from utils.errors import UserError, as_list, is_main_process, run_cli
+from utils.records import PT_SUFFIXES, SFT_SUFFIXES, data_files
 from utils.model import BUILTIN, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
+from utils.token_store import tokenized
 
 DEMO_DATA = Path(__file__).resolve().parent / "data" / "demo.json"
 
@@ -57,8 +59,10 @@ def main(
     val_set_size: float = 0,
     val_data_path: str = None,
     train_on_inputs: bool = False,
+    max_samples: int = None,
     dry_run: bool = False,
     data_cache: bool = True,
+    preprocessing_num_workers: int = None,
     # LoRA
     lora_r: int = 8,
     lora_alpha: int = 16,
@@ -94,7 +98,7 @@ def main(
     Args:
         base_model: hub id, local HF model folder, or "builtin:smollm2" (the built-in SmolLM2-135M-Instruct).
         local_files_only: never contact the model hub.
-        data_path: JSON list, JSONL file, or folder of them (see data/README.md); .txt too with --stage pt.
+        data_path: JSON list, JSONL file, folder or glob pattern of them (see data/README.md), or several joined by commas; .txt too with --stage pt.
         output_dir: where the adapter, tokenizer, run_config.json, loss.png and checkpoints go.
         stage: "sft" for instruction tuning, "pt" for continued pretraining on raw text.
         template: "auto" (the tokenizer's chat template, else alpaca), prompt, alpaca, chatml, llama3, vicuna, or a template .json file.
@@ -103,8 +107,10 @@ def main(
         val_set_size: examples held out for evaluation: a count, or a fraction below 1.
         val_data_path: a separate validation file (instead of --val_set_size).
         train_on_inputs: also train on prompt tokens (by default they are masked out of the loss).
+        max_samples: use only the first N records of --data_path (in file order).
         dry_run: validate the data, print its summary, and exit without loading the model.
         data_cache: reuse tokenized data from the cache (keyed by a hash of the data, tokenizer and settings).
+        preprocessing_num_workers: processes that tokenize (default: the usable CPU cores).
         lora_r: LoRA rank.
         lora_alpha: LoRA alpha (the update is scaled by alpha / r).
         lora_dropout: dropout on the LoRA input (0 by default: on a CPU its random masks cost about a fifth of each step).
@@ -139,7 +145,10 @@ def main(
         problems.append("--use_4bit and --use_8bit exclude each other")
     if stage not in ("sft", "pt"):
         problems.append(f"--stage={stage!r} must be sft or pt")
+    if block_size in (0, 1) or max_samples == 0:
+        problems.append("--block_size must be at least 2 and --max_samples at least 1")
     for name, value in (("cutoff_len", cutoff_len), ("block_size", block_size), ("lora_r", lora_r),
+                        ("max_samples", max_samples or 1), ("preprocessing_num_workers", preprocessing_num_workers or 1),
                         ("per_device_train_batch_size", per_device_train_batch_size),
                         ("gradient_accumulation_steps", gradient_accumulation_steps), ("save_steps", save_steps), ("logging_steps", logging_steps)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -169,28 +178,26 @@ def main(
     from utils.templates import load_template
 
     t0 = time.time()
-    read = read_dialogs if stage == "sft" else read_texts
-    records = read(data_path)
-    val_records = read(val_data_path, "val_data_path") if val_data_path else []
+    suffixes = SFT_SUFFIXES if stage == "sft" else PT_SUFFIXES
+    files = data_files(data_path, suffixes, "data_path")
+    val_files = data_files(val_data_path, suffixes, "val_data_path") if val_data_path else []
     model_path = resolve_model_path(base_model, local_files_only)
     tokenizer = load_tokenizer(model_path, local_files_only)
-    tmpl = load_template(template, tokenizer)
-
-    def encode(recs):
-        if stage == "sft":
-            return encode_dialogs(recs, tokenizer, tmpl, cutoff_len, train_on_inputs)
-        return encode_texts(recs, tokenizer, block_size)
-
+    tmpl = load_template(template, tokenizer)  # pt trains without it, but chat after pt uses it
+    encoder = Encoder(tokenizer, stage, tmpl, cutoff_len, train_on_inputs, block_size)
     settings = {"stage": stage, "template": tmpl.to_dict(), "cutoff_len": cutoff_len, "block_size": block_size, "train_on_inputs": train_on_inputs}
-    examples, stats, hit = cached(cache_key([data_path], tokenizer, settings), lambda: encode(records)) if data_cache else (*encode(records), False)
-    val = encode(val_records)[0] if val_records else []
-    if not examples:
-        raise UserError(f"all {stats['records']} records were dropped: nothing to train on remained after truncation to --cutoff_len={cutoff_len}; raise --cutoff_len.")
-    train, held = split_validation(examples, val_set_size, seed)
-    val = val or held
+    data = tokenized(files, encoder, settings, data_cache, preprocessing_num_workers, max_samples, "data_path")
+    val = tokenized(val_files, encoder, settings, data_cache, preprocessing_num_workers, None, "val_data_path") if val_files else None
+    if val is not None and not len(val):
+        raise UserError(f"all {val.stats['records']:,} records of --val_data_path were dropped after truncation to --cutoff_len={cutoff_len}; raise --cutoff_len.")
+    if not len(data):
+        raise UserError(f"all {data.stats['records']:,} records were dropped: nothing to train on remained after truncation to --cutoff_len={cutoff_len}; raise --cutoff_len.")
+    train_index, held = split_validation(len(data), val_set_size, seed)
+    train, val = data.subset(train_index), val if val is not None else data.subset(held) if len(held) else None
     say(f"template: {tmpl.name}   stage: {stage}   data: {data_path}   processes: {os.environ.get('WORLD_SIZE', 1)}")
-    say(summary(examples, stats, tokenizer))
-    say(f"train examples: {len(train)}, validation examples: {len(val)}   ({time.time() - t0:.1f} s{', tokenized data from the cache' if hit else ''})")
+    say(summary(data, data.stats, tokenizer))
+    origin = [f"train {data.origin()}"] + ([f"validation {val.origin()}"] if val_files else [])
+    say(f"train examples: {len(train):,}, validation examples: {len(val or ()):,}   (tokenized data: {'; '.join(origin)}; {time.time() - t0:.1f} s in all)")
     if dry_run:
         say("dry run: data is valid; no model was loaded and nothing was written.")
         return
@@ -243,33 +250,33 @@ def main(
         per_device_eval_batch_size=per_device_train_batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
         num_train_epochs=num_epochs, max_steps=max_steps, learning_rate=learning_rate, lr_scheduler_type=lr_scheduler_type,
         warmup_steps=warmup_ratio, weight_decay=weight_decay, logging_steps=logging_steps, logging_first_step=True,
-        save_steps=save_steps, save_total_limit=save_total_limit, eval_strategy="steps" if val else "no",
+        save_steps=save_steps, save_total_limit=save_total_limit, eval_strategy="steps" if val is not None else "no",
         eval_steps=eval_steps or save_steps, activation_checkpointing=bool(gradient_checkpointing),
         activation_checkpointing_kwargs={"use_reentrant": False}, fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16, seed=seed, data_seed=seed,
         remove_unused_columns=False, report_to="none", use_cpu=device == "cpu", ddp_find_unused_parameters=False,
         include_num_input_tokens_seen="all" if packing else "non_padding",  # a packed row has no padding
     )
     speed = throughput_callback()
-    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val or None,
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val,
                       data_collator=Collator(tokenizer.pad_token_id, packing),
                       compute_loss_func=functools.partial(causal_lm_loss, head=head, workspace=None if memory_first else {}),
                       callbacks=[speed])
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint or None)
-    if val:
+    if val is not None:
         trainer.evaluate()
 
     # --- save: adapter, tokenizer, run config, loss plot (rank 0 only) ----------------------------
     if trainer.is_world_process_zero():
         save_adapter(model, out)
         tokenizer.save_pretrained(out)
-        lengths = sorted(len(e["input_ids"]) for e in examples)
+        lengths = data.lengths()
         write_run_config(out, {
             "base_model": base_model, "base_model_path": model_path, "stage": stage, "template": tmpl.to_dict(),
             "cutoff_len": cutoff_len, "block_size": block_size if stage == "pt" else None, "train_on_inputs": train_on_inputs,
             "bits": bits, "dtype": str(dtype).replace("torch.", ""),
             "lora": {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout, "target_modules": targets, "modules_to_save": modules_to_save},
-            "data": {"path": str(data_path), **stats, "train_examples": len(train), "validation_examples": len(val),
-                     "tokens_min": lengths[0], "tokens_max": lengths[-1], "train_tokens": sum(len(e["input_ids"]) for e in train)},
+            "data": {"path": str(data_path), **data.stats, "max_samples": max_samples, "train_examples": len(train), "validation_examples": len(val or ()),
+                     "tokens_min": int(lengths.min()), "tokens_max": int(lengths.max()), "train_tokens": int(train.lengths().sum())},
             "training": {"learning_rate": learning_rate, "epochs": num_epochs, "steps": result.global_step, "seed": seed,
                          "per_device_train_batch_size": per_device_train_batch_size, "gradient_accumulation_steps": gradient_accumulation_steps,
                          "train_loss": result.training_loss if math.isfinite(result.training_loss) else None,

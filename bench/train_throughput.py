@@ -22,7 +22,8 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 def tokenized(records, cutoff_len):
-    from utils.data import encode_dialogs, to_dialog
+    from utils.data import encode_dialogs
+    from utils.records import to_dialog
     from utils.model import builtin_path, load_tokenizer
     from utils.templates import load_template
 

@@ -1,14 +1,8 @@
-"""Data: exact masks, truncation that keeps EOS, packing that changes nothing, and every bad input."""
-import json
-import subprocess
-import sys
-
+"""Encoding: exact masks, truncation that keeps EOS, packing that changes nothing, the fast path's kernels."""
 import pytest
 import torch
 
-from conftest import ROOT
-from utils.data import IGNORE, Collator, encode_dialogs, encode_texts, read_dialogs
-from utils.errors import UserError
+from utils.data import IGNORE, Collator, encode_dialogs, encode_texts
 from utils.templates import load_template
 
 
@@ -179,77 +173,3 @@ def test_causal_attention_equals_sdpa(monkeypatch, dtype, tolerance, keep_up_to)
     got = run(lambda q, k, v: causal_attention(q, k, v, lengths, 0.3), dtype)
     for name, a, b in zip(("output", "query grad", "key grad", "value grad"), got, expected):
         assert ((a - b).norm() / b.norm()).item() < tolerance, name
-
-
-BAD_INPUTS = [
-    ("missing.json", None, "does not exist"),
-    ("bad.json", '[{"instruction": "a", "output": "b"},', r"bad.json: invalid JSON at line 1"),
-    ("bad.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": ', r"bad.jsonl: line 2 is not valid JSON"),
-    ("bad.json", '[{"instruction": "a", "output": "b"}, {"instruction": "a"}]', r'record 2: "output" is missing'),
-    ("bad.json", '[{"instruction": 3, "output": "b"}]', r'record 1: "instruction" is a int, not a string'),
-    ("bad.json", "[]", "holds no records"),
-    ("bad.json", '[{"instruction": "a", "output": "  "}]', r'record 1: "output" is empty'),
-    ("bad.json", '[{"instruction": "a", "output": "b", "history": [["only one"]]}]', r'record 1: "history" must be a list of \[question, answer\]'),
-    ("bad.json", '[{"messages": [{"role": "user", "content": "a"}]}]', r'record 1: "messages" must alternate'),
-    ("bad.json", '{"instruction": "a", "output": "b"}', "expected a JSON list of records"),
-    ("bad.json", b'[{"instruction": "\xff\xfe", "output": "b"}]', r"bad.json: line 1 is not UTF-8"),
-]
-
-
-@pytest.mark.parametrize("name,content,message", BAD_INPUTS)
-def test_bad_input_is_one_clear_error(tmp_path, name, content, message):
-    path = tmp_path / name
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    elif content is not None:
-        path.write_text(content, encoding="utf-8")
-    with pytest.raises(UserError, match=message):
-        read_dialogs(path)
-
-
-def test_cli_bad_input_exits_2_without_traceback_or_output(tmp_path):
-    bad = tmp_path / "bad.json"
-    bad.write_text('[{"instruction": "a", "output": ""}]', encoding="utf-8")
-    out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(ROOT / "finetune.py"), f"--data_path={bad}", f"--output_dir={out}"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert lines == [f'error: {bad}: record 1: "output" is empty; give every record a non-empty "output", or remove the record.']
-    assert not out.exists()
-
-
-def test_folder_of_json_and_jsonl(tmp_path):
-    (tmp_path / "a.json").write_text(json.dumps([{"instruction": "a", "output": "b"}]))
-    (tmp_path / "b.jsonl").write_text('{"instruction": "c", "output": "d"}\n\n{"instruction": "e", "output": "f"}\n')
-    assert [d[1][-1] for d in read_dialogs(tmp_path)] == [("a", "b"), ("c", "d"), ("e", "f")]
-
-
-def test_cache_is_keyed_by_data_tokenizer_and_settings(tmp_path, tokenizer, data_file):
-    from utils.data import cache_key, cached
-
-    settings = {"cutoff_len": 128}
-    key = cache_key([data_file], tokenizer, settings)
-    assert key == cache_key([data_file], tokenizer, dict(settings))
-    assert key != cache_key([data_file], tokenizer, {"cutoff_len": 64})
-    other = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
-    other.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
-    assert key != cache_key([data_file], other, settings)
-    changed = tmp_path / "changed" / data_file.name
-    changed.parent.mkdir()
-    changed.write_bytes(data_file.read_bytes().replace(b"Lumi", b"Lumo"))
-    assert key != cache_key([changed], tokenizer, settings)
-
-    template = load_template("auto", tokenizer)
-    built = []
-
-    def build():
-        built.append(1)
-        return encode_dialogs(read_dialogs(data_file), tokenizer, template, 128)
-
-    first, stats, hit = cached(key, build, folder=tmp_path / "cache")
-    again, stats_again, hit_again = cached(key, build, folder=tmp_path / "cache")
-    assert (hit, hit_again, len(built)) == (False, True, 1) and stats_again == stats
-    assert [list(e["input_ids"]) for e in again] == [e["input_ids"] for e in first]
-    assert [list(e["labels"]) for e in again] == [e["labels"] for e in first]

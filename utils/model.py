@@ -5,7 +5,6 @@
 built-in model converts the GGUF into a cached HF folder; later loads read that folder.
 """
 import contextlib
-import fcntl
 import importlib.util
 import os
 import shutil
@@ -16,17 +15,10 @@ from pathlib import Path
 import torch
 
 from utils.errors import UserError
+from utils.files import cache_dir, locked
 
 BUILTIN = "builtin:smollm2"
 BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir():
-    """Where converted models live: $LORA_KIT_CACHE, else $XDG_CACHE_HOME/lora-kit, else ~/.cache/lora-kit."""
-    if os.environ.get("LORA_KIT_CACHE"):
-        return Path(os.environ["LORA_KIT_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg) / "lora-kit"
 
 
 def _builtin_gguf():
@@ -42,17 +34,6 @@ def _builtin_gguf():
     return path
 
 
-@contextlib.contextmanager
-def _lock(path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def builtin_path():
     """The cached HF folder of the built-in model, converting the GGUF on first use.
 
@@ -63,7 +44,7 @@ def builtin_path():
     if (target / "config.json").is_file():
         return target
     gguf = _builtin_gguf()
-    with _lock(cache_dir() / ".smollm2.lock"):
+    with locked(cache_dir() / ".smollm2.lock"):
         if (target / "config.json").is_file():
             return target
         from transformers import AutoModelForCausalLM, AutoTokenizer
