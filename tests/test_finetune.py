@@ -305,3 +305,16 @@ def test_fast_norms_equal_transformers(tiny_model_dir, tokenizer):
         model_type = {"Qwen2Moe": "qwen2_moe", "Qwen3Moe": "qwen3_moe", "SmolLM3": "smollm3"}.get(name[:-7], name[:-7].lower())
         cls = getattr(importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}"), name)
         assert inspect.getsource(cls.forward) == inspect.getsource(LlamaRMSNorm.forward), name
+
+
+def test_dry_run_tokenizes_once_and_reports_it(finetune, tmp_path, capsys, monkeypatch, data_file):
+    """The first dry run builds the store, the second maps it; --max_samples and several files shape what is read."""
+    monkeypatch.setenv("LORA_KIT_CACHE", str(tmp_path / "cache"))
+    finetune(dry_run=True)
+    first = capsys.readouterr().out
+    finetune(dry_run=True)
+    second = capsys.readouterr().out
+    assert "tokenized data: train built now from 18 records" in first and "tokenized data: train from the cache (18 examples" in second
+    assert "length histogram" in first and not (tmp_path / "out").exists()
+    finetune(dry_run=True, data_path=f"{data_file},{data_file}", max_samples=20)
+    assert "records read: 20, kept: 20" in capsys.readouterr().out

@@ -143,3 +143,15 @@ def test_store_reads_the_layout_it_documents(tmp_path, tokenizer, varied_file):
     assert (store.folder / "ids.bin").stat().st_size == 2 * store.meta["tokens"]
     assert (store.folder / "mask.bin").stat().st_size == store.meta["tokens"]
     assert TokenStore(store.folder).stats == store.stats
+
+
+def test_bulk_tokenizing_equals_the_tokenizer_call(tokenizer):
+    """Encoder.for_bulk calls the Rust backend directly; it must give exactly what the transformers call gives,
+    special tokens, whitespace runs, Chinese and emoji included, and step aside for split_special_tokens."""
+    texts = ["<|im_start|>user\nHi<|im_end|>\n", "  two  spaces\n\n\nthree newlines\t", "你好，世界！🌍 café 12345", "", "x" * 5000,
+             "<|endoftext|>inside<|im_end|>text"]
+    bulk = Encoder(tokenizer, "sft", load_template("auto", tokenizer)).for_bulk()
+    assert bulk.backend is not None
+    assert bulk.tokenize(texts) == tokenizer(texts, add_special_tokens=False)["input_ids"]
+    split = tokenizer.__class__.from_pretrained(tokenizer.name_or_path, split_special_tokens=True)
+    assert Encoder(split, "sft", load_template("auto", split)).for_bulk().backend is None

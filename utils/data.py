@@ -48,8 +48,35 @@ class Encoder:
         self.eos_id = tokenizer.eos_token_id
         self.bos = [tokenizer.bos_token_id] if stage == "sft" and adds_bos(tokenizer, template) else []
 
+    backend = None  # set by for_bulk(): the tokenizer's own Rust tokenizer, called directly
+
     def tokenize(self, texts):
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        if not texts:
+            return []
+        if self.backend is not None:
+            return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def for_bulk(self):
+        """A copy for tokenizing a whole data set: 1.2x faster by calling the fast tokenizer's Rust backend the
+        way transformers does (encode_batch without special tokens, no truncation or padding) minus its
+        per-text dict building, and 1.4x more with a BPE word cache of 200 000 entries instead of 10 000
+        (bench/RESULTS.md). Any tokenizer transformers would treat differently keeps the plain call;
+        tests/test_token_store.py pins the equality.
+        """
+        copy = Encoder.__new__(Encoder)
+        copy.__dict__.update(self.__dict__)
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None or getattr(self.tokenizer, "split_special_tokens", False) or backend.encode_special_tokens:
+            return copy
+        from tokenizers import Tokenizer
+
+        copy.backend = Tokenizer.from_str(backend.to_str())
+        copy.backend.no_truncation()
+        copy.backend.no_padding()
+        if hasattr(copy.backend.model, "_resize_cache"):  # BPE only; a speed setting, never a result
+            copy.backend.model._resize_cache(200_000)
+        return copy
 
     def dialogs(self, dialogs):
         """(examples, stats) for a list of (system, turns, last input) dialogs.

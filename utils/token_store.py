@@ -75,7 +75,7 @@ class TokenStore:
     def origin(self):
         """Where this store came from, for the summary: the cache, or built now (how long, how many workers)."""
         if self.from_cache:
-            return f"from the cache ({self.meta['examples']:,} examples)"
+            return f"from the cache ({self.meta['examples']:,} examples, {self.seconds:.1f} s)"
         return f"built now from {self.stats['records']:,} records in {self.seconds:.1f} s ({self.meta['workers']} worker process{'es' if self.meta['workers'] > 1 else ''})"
 
     def lengths(self):
@@ -212,6 +212,7 @@ def _build(folder, files, encoder, workers, max_samples, flag):
     """Stream, validate, tokenize and write the files into folder; raises UserError on the first bad record."""
     from tqdm import tqdm
 
+    encoder = encoder.for_bulk()
     total_bytes = sum(Path(f).stat().st_size for f in files)
     workers = workers or default_workers()
     use_pool = workers > 1 and total_bytes >= MIN_BYTES_FOR_WORKERS and _can_fork()
