@@ -63,12 +63,16 @@ def test_store_equals_fresh_encoding(tmp_path, tokenizer, varied_file, monkeypat
     assert nothing_left.stats["dropped"] == 600
 
 
-def test_pt_store_equals_encode_texts(tmp_path, tokenizer):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_pt_store_equals_encode_texts(tmp_path, tokenizer, monkeypatch, workers):
+    """--stage pt: blocks cut from the stream of all documents, across batches and workers, as encode_texts cuts them."""
+    monkeypatch.setattr(token_store, "MIN_BYTES_FOR_WORKERS", 0)
+    monkeypatch.setattr(token_store, "BATCH", 23)
     texts = [f"paragraph {i} " + "words " * (i % 30) for i in range(200)]
     path = tmp_path / "pt.txt"
     path.write_text("\n".join(texts) + "\n", encoding="utf-8")
     expected, stats = encode_texts(texts, tokenizer, block_size=64)
-    store = tokenized(data_files(path, (".txt",)), Encoder(tokenizer, "pt", block_size=64), {"block_size": 64}, cache=False)
+    store = tokenized(data_files(path, (".txt",)), Encoder(tokenizer, "pt", block_size=64), {"block_size": 64}, cache=False, workers=workers)
     assert store.stats == stats and as_lists(store) == [(e["input_ids"], e["labels"]) for e in expected]
     folder = store.folder
     del store

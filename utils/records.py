@@ -67,7 +67,7 @@ def _chunks(file, progress=None):
                 text = decoder.decode(raw, final=not raw)
             except UnicodeDecodeError as e:
                 line = lines + raw[:max(e.start, 0)].count(b"\n") + 1
-                raise UserError(f"{file}: line {line} is not UTF-8; re-save the file as UTF-8.") from None
+                raise UserError(f"{file}: line {number(line)} is not UTF-8 (byte 0x{e.object[e.start]:02x}); re-save the file as UTF-8.") from None
             lines += raw.count(b"\n")
             if progress:
                 progress(len(raw))
