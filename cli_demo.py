@@ -89,6 +89,8 @@ def main(model_path: str = None, lora_model: str = None, base_model: str = None,
         raise UserError(f"--seed must be an integer, got {seed!r}.")
     settings = generation.check_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty,
                                          no_repeat_ngram_size, as_bool(do_sample, "do_sample"))
+    if prompt is None and sys.stdin is None:  # started with standard input closed
+        raise UserError("standard input is closed; pass the question with --prompt=\"...\", pipe it on stdin, or run in a terminal.")
     one_shot = prompt is not None or not sys.stdin.isatty()
     query = str(prompt) if prompt is not None else (sys.stdin.read() if one_shot else None)
     if one_shot and not query.strip():

@@ -40,7 +40,7 @@ def main(
         raise UserError(f"--outtype={outtype!r} is not one of {', '.join(TYPES)}; for k-quants run llama.cpp's llama-quantize on the f16 file.")
     if model_path and (Path(model_path).expanduser() / "adapter_config.json").is_file():
         raise UserError(f"{model_path} is a LoRA adapter folder; merge it first (python merge_lora.py --lora_model={model_path}) and export the merged folder.")
-    folder = Path(download_model_folder(resolve_model_path(model_path or BUILTIN, local_files_only)))
+    folder = Path(download_model_folder(resolve_model_path(model_path or BUILTIN, local_files_only, "model_path")))
     path = Path(output).expanduser() if output else ROOT / "models" / f"{folder.name}-{outtype}.gguf"
     if path.suffix != ".gguf":
         raise UserError(f"--output={output!r} must end in .gguf.")

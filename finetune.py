@@ -18,11 +18,15 @@ from pathlib import Path
 
 from utils.data import Collator, Encoder, split_validation, summary
 from utils.errors import UserError, as_list, is_main_process, run_cli
+from utils.files import output_problem
+from utils.flags import Checks
 from utils.records import PT_SUFFIXES, SFT_SUFFIXES, data_files
 from utils.model import BUILTIN, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
 from utils.token_store import tokenized
 
 DEMO_DATA = Path(__file__).resolve().parent / "data" / "demo.json"
+# transformers' schedulers that need no extra arguments (tests/test_finetune.py checks each against SchedulerType)
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
 
 
 def plot_loss(log_history, path):
@@ -125,7 +129,7 @@ def main(
         num_epochs: passes over the training data.
         max_steps: stop after this many optimizer updates (-1: use num_epochs).
         learning_rate: peak learning rate.
-        lr_scheduler_type: cosine, linear, constant, constant_with_warmup, ...
+        lr_scheduler_type: linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup or inverse_sqrt.
         warmup_ratio: fraction of the updates spent warming up.
         weight_decay: AdamW weight decay.
         logging_steps: log the loss every N updates.
@@ -139,30 +143,46 @@ def main(
         overwrite_output_dir: allow writing into an --output_dir that holds an earlier run.
     """
     # --- check the arguments, all at once ---------------------------------------------------------
-    problems = []
-    bits = 4 if use_4bit else 8 if use_8bit else int(bits)
-    if use_4bit and use_8bit:
-        problems.append("--use_4bit and --use_8bit exclude each other")
-    if stage not in ("sft", "pt"):
-        problems.append(f"--stage={stage!r} must be sft or pt")
-    if block_size in (0, 1) or max_samples == 0:
-        problems.append("--block_size must be at least 2 and --max_samples at least 1")
-    for name, value in (("cutoff_len", cutoff_len), ("block_size", block_size), ("lora_r", lora_r),
-                        ("max_samples", max_samples or 1), ("preprocessing_num_workers", preprocessing_num_workers or 1),
-                        ("per_device_train_batch_size", per_device_train_batch_size),
-                        ("gradient_accumulation_steps", gradient_accumulation_steps), ("save_steps", save_steps), ("logging_steps", logging_steps)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            problems.append(f"--{name} must be a positive integer, got {value!r}")
-    if not isinstance(learning_rate, (int, float)) or learning_rate <= 0:
-        problems.append(f"--learning_rate must be a positive number, got {learning_rate!r}")
+    c = Checks()
+    base_model, output_dir, template = c.text("base_model", base_model, True), c.text("output_dir", output_dir, True), c.text("template", template)
+    data_path = data_path if isinstance(data_path, (list, tuple)) else c.text("data_path", data_path, True)
+    val_data_path = c.text("val_data_path", val_data_path)
+    local_files_only, train_on_inputs, dry_run, data_cache, use_8bit, use_4bit, packing, overwrite_output_dir = (c.boolean(n, v) for n, v in (
+        ("local_files_only", local_files_only), ("train_on_inputs", train_on_inputs), ("dry_run", dry_run), ("data_cache", data_cache),
+        ("use_8bit", use_8bit), ("use_4bit", use_4bit), ("packing", packing), ("overwrite_output_dir", overwrite_output_dir)))
+    stage, precision = c.choice("stage", stage, ("sft", "pt")), c.choice("precision", precision, ("auto", "bf16", "fp16", "fp32"))
+    lr_scheduler_type = c.choice("lr_scheduler_type", lr_scheduler_type, SCHEDULERS)
+    cutoff_len, block_size, lora_r = c.integer("cutoff_len", cutoff_len, 1), c.integer("block_size", block_size, 2), c.integer("lora_r", lora_r, 1)
+    per_device_train_batch_size = c.integer("per_device_train_batch_size", per_device_train_batch_size, 1)
+    gradient_accumulation_steps = c.integer("gradient_accumulation_steps", gradient_accumulation_steps, 1)
+    logging_steps, save_steps = c.integer("logging_steps", logging_steps, 1), c.integer("save_steps", save_steps, 1)
+    save_total_limit, eval_steps = c.integer("save_total_limit", save_total_limit, 1, none=True), c.integer("eval_steps", eval_steps, 1, none=True)
+    max_samples = c.integer("max_samples", max_samples, 1, none=True)
+    preprocessing_num_workers = c.integer("preprocessing_num_workers", preprocessing_num_workers, 1, none=True)
+    max_steps, seed = c.integer("max_steps", max_steps, -1), c.integer("seed", seed, 0)
+    if max_steps == 0:
+        c.add("--max_steps must be -1 (train --num_epochs) or a positive number of updates, got 0")
+    num_epochs, learning_rate = c.number("num_epochs", num_epochs, 0, above_low=True), c.number("learning_rate", learning_rate, 0, above_low=True)
+    lora_alpha, lora_dropout = c.number("lora_alpha", lora_alpha, 0, above_low=True), c.number("lora_dropout", lora_dropout, 0, 1, below_high=True)
+    warmup_ratio, weight_decay = c.number("warmup_ratio", warmup_ratio, 0, 1, below_high=True), c.number("weight_decay", weight_decay, 0)
+    val_set_size = c.number("val_set_size", val_set_size, 0)
+    if gradient_checkpointing != "auto":
+        gradient_checkpointing = c.boolean("gradient_checkpointing", gradient_checkpointing)
+    if resume_from_checkpoint not in (None, False) and resume_from_checkpoint is not True and not isinstance(resume_from_checkpoint, str):
+        c.add(f"--resume_from_checkpoint must be a checkpoint folder or True, got {resume_from_checkpoint!r}")
+    bits = 4 if use_4bit is True else 8 if use_8bit is True else c.choice("bits", bits, (4, 8, 16))
+    if use_4bit is True and use_8bit is True:
+        c.add("--use_4bit and --use_8bit exclude each other")
     if val_set_size and val_data_path:
-        problems.append("pass either --val_set_size or --val_data_path, not both")
-    if not isinstance(val_set_size, (int, float)) or val_set_size < 0:
-        problems.append(f"--val_set_size must be a count or a fraction, got {val_set_size!r}")
-    if gradient_checkpointing not in (True, False, "auto"):
-        problems.append(f"--gradient_checkpointing must be True, False or auto, got {gradient_checkpointing!r}")
-    if problems:
-        raise UserError("; ".join(problems) + ".")
+        c.add("pass either --val_set_size or --val_data_path, not both")
+    if isinstance(output_dir, str) and output_problem(output_dir, "output_dir"):
+        c.add(output_problem(output_dir, "output_dir"))
+    for name, value in (("lora_target_modules", lora_target_modules), ("modules_to_save", modules_to_save)):
+        try:
+            as_list(value, name)
+        except UserError as e:
+            c.add(str(e).rstrip("."))
+    c.done()
     targets = as_list(lora_target_modules, "lora_target_modules")
     modules_to_save = as_list(modules_to_save, "modules_to_save")
     out = Path(output_dir)

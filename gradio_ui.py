@@ -183,6 +183,15 @@ def main(model_path: str = None, lora_model: str = None, base_model: str = None,
     settings = generation.check_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty,
                                          no_repeat_ngram_size, as_bool(do_sample, "do_sample"))
     logins = parse_auth(auth)
+    if server_port is not None:  # a taken port would otherwise fail only after the model has loaded
+        import socket
+
+        with socket.socket() as probe:
+            try:
+                probe.bind((str(server_name), int(server_port)))
+            except OSError as e:
+                raise UserError(f"cannot listen on {server_name}:{server_port} ({e.strerror}); pass another --server_port, or leave it out "
+                                "to take the first free port from 7860.") from None
 
     from utils.model import load_for_inference
 

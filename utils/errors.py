@@ -10,9 +10,15 @@ class UserError(Exception):
 
 
 def run_cli(main):
-    """fire.Fire(main), except that a UserError prints one line and exits with status 2."""
+    """fire.Fire(main), except that a flag main does not take is refused before main runs (fire would report
+    it only after main returned), and a UserError prints one line and exits with status 2."""
+    from utils.flags import unknown_flags
+
     quiet_dependency_notices()
     try:
+        unknown = unknown_flags(main, sys.argv[1:])
+        if unknown:
+            raise UserError("; ".join(unknown) + "; run with --help for every flag.")
         fire.Fire(main)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -86,7 +86,11 @@ def subject_files(data_dir, split):
     folder = Path(data_dir) / split
     if not folder.is_dir():
         have = sorted(p.name for p in Path(data_dir).iterdir() if p.is_dir()) if Path(data_dir).is_dir() else []
-        raise UserError(f"{folder} does not exist; --data_dir needs dev/ and {split}/ folders of csv files (it has: {', '.join(have) or 'nothing'}).")
+        if split == "dev":
+            raise UserError(f"{folder} does not exist: few-shot prompts take their examples from dev/ (--data_dir has: "
+                            f"{', '.join(have) or 'nothing'}); add it, or pass --few_shot=0.")
+        raise UserError(f"{folder} does not exist; --data_dir needs a {split}/ folder of csv files (it has: {', '.join(have) or 'nothing'}); "
+                        "pass --split= one of them, or an unpacked C-Eval or CMMLU folder.")
     files = {}
     for path in sorted(folder.glob("*.csv")):
         name = path.stem[: -len(split) - 1] if path.stem.endswith(f"_{split}") else path.stem

@@ -23,3 +23,19 @@ def locked(path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def output_problem(path, flag):
+    """Why --flag=path cannot become an output folder (it is a file, or the nearest existing folder above it
+    is not writable), or None when it can."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        return f"--{flag}={path} is a file, not a folder; pass a folder path"
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        return f"--{flag}={path} lies under {existing}, which is a file; pass a folder path"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"--{flag}={path}: {existing} is not writable; pass a folder you can write to"
+    return None

@@ -79,25 +79,25 @@ def _hub_reachable(timeout=3.0):
         return False
 
 
-def resolve_model_path(name, local_files_only=False):
-    """Return a local folder or a loadable hub id for --base_model, or raise one clear UserError."""
+def resolve_model_path(name, local_files_only=False, flag="base_model"):
+    """Return a local folder or a loadable hub id for --base_model (or the --flag that named it), or raise one clear UserError."""
     if name in (BUILTIN, "builtin"):
         return str(builtin_path())
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UserError(f"{path} has no config.json; --base_model needs a folder holding an HF model (config.json, weights, tokenizer).")
+            raise UserError(f"{path} has no config.json; --{flag} needs a folder holding an HF model (config.json, weights, tokenizer).")
         return str(path.resolve())
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise UserError(f"--base_model={name!r} is not an existing folder nor a hub id like 'org/name'; pass a local model folder or --base_model={BUILTIN}.")
+        raise UserError(f"--{flag}={name!r} is not an existing folder nor a hub id like 'org/name'; pass a local model folder or --{flag}={BUILTIN}.")
     from huggingface_hub import snapshot_download
 
     with contextlib.suppress(Exception):  # already in the local hub cache: use it without the network
         return snapshot_download(name, local_files_only=True, allow_patterns=["*.json", "*.model", "*.txt", "*.safetensors", "*.jinja"])
     if local_files_only:
-        raise UserError(f"{name!r} is not in the local hub cache and --local_files_only is set; pass a local model folder or --base_model={BUILTIN}.")
+        raise UserError(f"{name!r} is not in the local hub cache and --local_files_only is set; pass a local model folder or --{flag}={BUILTIN}.")
     if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
-        raise UserError(f"cannot reach the model hub to download {name!r}; pass a local model folder, or --base_model={BUILTIN} for the built-in model.")
+        raise UserError(f"cannot reach the model hub to download {name!r}; pass a local model folder, or --{flag}={BUILTIN} for the built-in model.")
     return name
 
 
@@ -314,7 +314,7 @@ def load_for_inference(model_path=None, lora_model=None, base_model=None, templa
         path = resolve_model_path(base_model or BUILTIN, local_files_only)
         tokenizer_path = next((f for f in (folder, folder.parent) if (f / "tokenizer_config.json").is_file()), path)
     else:
-        path = resolve_model_path(model_path or BUILTIN, local_files_only)
+        path = resolve_model_path(model_path or BUILTIN, local_files_only, "model_path")
         run_config = read_run_config(path) if Path(path).is_dir() else None
         tokenizer_path = path
     tokenizer = load_tokenizer(tokenizer_path, local_files_only)

@@ -1,0 +1,144 @@
+"""Flags: unknown ones refused before any work with a suggestion, and every value converted and range-checked,
+all problems in one message."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from utils.errors import UserError
+from utils.flags import Checks, unknown_flags
+
+TYPOS = {"finetune.py": ("output_dri", "output_dir"), "merge_lora.py": ("dtpye", "dtype"), "cli_demo.py": ("model_pth", "model_path"),
+         "gradio_ui.py": ("server_prot", "server_port"), "evaluate.py": ("data_dri", "data_dir"), "export_gguf.py": ("outtpye", "outtype")}
+
+
+@pytest.mark.parametrize("script", sorted(TYPOS))
+def test_unknown_flag_is_refused_before_any_work(script, tmp_path):
+    """A typo costs nothing: exit 2, one line with the suggestion, no model loaded, nothing written."""
+    typo, meant = TYPOS[script]
+    proc = subprocess.run([sys.executable, str(ROOT / script), f"--{typo}=x", "--frobnicate=4", "--no-such_flag"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [f"error: --{typo} is not a flag of this script (did you mean --{meant}?); --frobnicate is not a flag of this script; "
+                     "--no_such_flag is not a flag of this script; run with --help for every flag."]
+    assert proc.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+def test_unknown_flags_accepts_fire_forms():
+    def main(alpha: int = 1, use_cache: bool = True):
+        return alpha, use_cache
+
+    assert unknown_flags(main, ["--alpha=3", "--alpha", "3", "--nouse_cache", "--use-cache", "--help", "--", "--trace"]) == []
+    assert unknown_flags(main, ["--alpah=3"]) == ["--alpah is not a flag of this script (did you mean --alpha?)"]
+
+
+def test_checks_convert_and_gather_every_problem():
+    c = Checks()
+    assert c.integer("a", "8", 1) == 8 and c.integer("b", 8.0) == 8 and c.integer("c", None, none=True) is None
+    assert c.number("d", "1e-4", 0, above_low=True) == 1e-4 and c.boolean("e", "false") is False and c.text("f", 7) == "7"
+    assert c.problems == []
+    c.integer("steps", "abc")
+    c.integer("count", 8.5)
+    c.integer("flag_int", True)
+    c.number("rate", 0, 0, above_low=True)
+    c.number("dropout", 1.0, 0, 1, below_high=True)
+    c.choice("mode", "cosin", ("linear", "cosine"))
+    c.boolean("yes", "maybe")
+    with pytest.raises(UserError) as info:
+        c.done()
+    message = str(info.value)
+    for part in ("--steps must be an integer, got 'abc'", "--count must be an integer, got 8.5", "--flag_int must be an integer, got True",
+                 "--rate must be above 0, got 0", "--dropout must be from 0 to below 1, got 1.0",
+                 "--mode must be one of linear, cosine, got 'cosin' (did you mean cosine?)", "--yes must be True or False, got 'maybe'"):
+        assert part in message, (part, message)
+    assert message.count("; ") == 6 and "\n" not in message
+
+
+FINETUNE_BAD = [
+    (dict(lr_scheduler_type="bogus"), "--lr_scheduler_type must be one of linear, cosine"),
+    (dict(max_steps="abc"), "--max_steps must be an integer of at least -1, got 'abc'"),
+    (dict(max_steps=0), "--max_steps must be -1"),
+    (dict(seed="abc"), "--seed must be an integer"),
+    (dict(lora_alpha="abc"), "--lora_alpha must be a number above 0"),
+    (dict(lora_dropout=1.5), "--lora_dropout must be from 0 to below 1, got 1.5"),
+    (dict(num_epochs=-1), "--num_epochs must be above 0, got -1"),
+    (dict(warmup_ratio=5), "--warmup_ratio must be from 0 to below 1, got 5"),
+    (dict(eval_steps=0), "--eval_steps must be of at least 1, got 0"),
+    (dict(use_4bit=True, use_8bit=True), "--use_4bit and --use_8bit exclude each other"),
+    (dict(bits=3), "--bits must be one of 4, 8, 16, got 3"),
+    (dict(precision="fp8"), "--precision must be one of auto, bf16, fp16, fp32"),
+    (dict(packing="maybe"), "--packing must be True or False"),
+    (dict(block_size=1), "--block_size must be of at least 2"),
+    (dict(val_set_size=-2), "--val_set_size must be of at least 0"),
+    (dict(resume_from_checkpoint=3), "--resume_from_checkpoint must be a checkpoint folder or True"),
+    (dict(lora_target_modules=3), "--lora_target_modules must be a comma-separated list"),
+]
+
+
+def test_finetune_output_dir_must_be_a_writable_folder(finetune, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=r"--output_dir=.*/file is a file, not a folder"):
+        finetune(output_dir=str(tmp_path / "file"))
+    with pytest.raises(UserError, match=r"--output_dir=.*/file/sub lies under .*/file, which is a file"):
+        finetune(output_dir=str(tmp_path / "file" / "sub"))
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(UserError, match="is not writable"):
+            finetune(output_dir=str(locked / "out"))
+
+
+@pytest.mark.parametrize("flags,message", FINETUNE_BAD, ids=[next(iter(f)) for f, _ in FINETUNE_BAD])
+def test_finetune_flags_are_checked_before_any_work(finetune, tmp_path, flags, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        finetune(base_model=str(tmp_path / "no-model-here"), data_path=str(tmp_path / "no-data-here"), **flags)
+    assert not (tmp_path / "out").exists()
+
+
+def test_finetune_reports_all_bad_flags_together(finetune, tmp_path):
+    with pytest.raises(UserError) as info:
+        finetune(max_steps="abc", seed="x", lora_dropout=2, lr_scheduler_type="cosin")
+    assert str(info.value).count(" must be ") == 4 and "did you mean cosine?" in str(info.value)
+
+
+def test_schedulers_offered_are_transformers_own():
+    from transformers import SchedulerType
+
+    import finetune
+
+    assert set(finetune.SCHEDULERS) <= {s.value for s in SchedulerType}
+
+
+def test_cli_demo_with_standard_input_closed(tmp_path):
+    proc = subprocess.run(f"{sys.executable} {ROOT / 'cli_demo.py'} <&-", shell=True, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        'error: standard input is closed; pass the question with --prompt="...", pipe it on stdin, or run in a terminal.']
+
+
+def test_gradio_refuses_a_taken_port_before_loading(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, str(ROOT / "gradio_ui.py"), f"--server_port={port}"], capture_output=True, text=True,
+                              timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: cannot listen on 127.0.0.1:{port} (Address already in use); pass another "
+                                                "--server_port, or leave it out to take the first free port from 7860."]
+    assert "Serving" not in proc.stdout
+
+
+def test_messages_name_the_flags_of_their_script(tmp_path):
+    from utils.evaluation import subject_files
+    from utils.model import resolve_model_path
+
+    with pytest.raises(UserError, match=r"--model_path='nowhere' is not an existing folder .* or --model_path=builtin:smollm2"):
+        resolve_model_path("nowhere", flag="model_path")
+    (tmp_path / "test").mkdir()
+    with pytest.raises(UserError, match=r"few-shot prompts take their examples from dev/ \(--data_dir has: test\); add it, or pass --few_shot=0"):
+        subject_files(tmp_path, "dev")

@@ -1,0 +1,115 @@
+"""Flag checking for every stage script, before any work: unknown flags (with a "did you mean"), and each
+value converted and range-checked, every problem gathered into one UserError, as litgpt's validate_args does.
+
+python-fire hands `main` whatever the command line held: "007" becomes an int, "1e-4" a float, "a,b" a tuple,
+and a flag main does not take is only reported after main has returned. `unknown_flags` runs before fire;
+`Checks` converts the values main receives.
+"""
+import difflib
+import inspect
+
+from utils.errors import UserError
+
+FIRE_FLAGS = {"help", "h"}  # fire's own, also accepted before its "--" separator
+
+
+def unknown_flags(main, argv, aliases=()):
+    """Names of --flags in argv that main does not take, each with a suggestion; fire would run main first."""
+    names = set(inspect.signature(main).parameters) | set(aliases)
+    problems = []
+    for arg in argv:
+        if arg == "--":
+            break  # what follows is for fire itself (--help, --trace)
+        if not arg.startswith("--") or arg == "--":
+            continue
+        name = arg[2:].split("=", 1)[0].replace("-", "_")
+        if name in names or name in FIRE_FLAGS or (name.startswith("no") and name[2:] in names):
+            continue  # fire reads --noflag as --flag=False
+        close = difflib.get_close_matches(name, sorted(names), n=1, cutoff=0.7)
+        problems.append(f"--{name} is not a flag of this script" + (f" (did you mean --{close[0]}?)" if close else ""))
+    return problems
+
+
+class Checks:
+    """Collects problems while converting flags: each method returns the converted value (or the value as
+    given when it is bad) and records what is wrong; `done()` raises them all as one UserError."""
+
+    def __init__(self):
+        self.problems = []
+
+    def add(self, problem):
+        self.problems.append(problem)
+
+    def done(self, hint="run with --help for every flag"):
+        if self.problems:
+            raise UserError("; ".join(self.problems) + f" ({hint}).")
+
+    def boolean(self, name, value):
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+            return bool(value)
+        self.add(f"--{name} must be True or False, got {value!r}")
+        return value
+
+    def integer(self, name, value, low=None, high=None, none=False):
+        """An int in [low, high]; None passes when none=True. "8" and 8.0 are 8; 8.5, "abc" and True are not."""
+        if value is None and none:
+            return None
+        try:
+            number = int(value) if not isinstance(value, str) else int(float(value)) if value.strip() else None
+            if isinstance(value, bool) or number is None or float(value) != number:
+                raise ValueError
+        except (TypeError, ValueError):
+            self.add(f"--{name} must be an integer{_range(low, high)}, got {value!r}")
+            return value
+        if (low is not None and number < low) or (high is not None and number > high):
+            self.add(f"--{name} must be{_range(low, high)}, got {value!r}")
+        return number
+
+    def number(self, name, value, low=None, high=None, below_high=False, above_low=False, none=False):
+        """A float in [low, high] (or the open ends asked for); None passes when none=True."""
+        if value is None and none:
+            return None
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value)
+            if number != number:  # nan
+                raise ValueError
+        except (TypeError, ValueError):
+            self.add(f"--{name} must be a number{_range(low, high, above_low, below_high)}, got {value!r}")
+            return value
+        if (low is not None and (number < low or (above_low and number == low))) or \
+                (high is not None and (number > high or (below_high and number == high))):
+            self.add(f"--{name} must be{_range(low, high, above_low, below_high)}, got {value!r}")
+        return number
+
+    def choice(self, name, value, choices):
+        if value in choices:
+            return value
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
+        self.add(f"--{name} must be one of {', '.join(map(str, choices))}, got {value!r}" + (f" (did you mean {close[0]}?)" if close else ""))
+        return value
+
+    def text(self, name, value, required=False, example=None):
+        """A string (fire turns "007" into 7: numbers become their text again); required refuses None and ""."""
+        if value is None or value == "":
+            if required:
+                self.add(f"--{name} is required" + (f", e.g. --{name}={example}" if example else ""))
+            return None if value is None else value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            self.add(f"--{name} must be a single value, got {value!r}")
+        return value
+
+
+def _range(low, high, above_low=False, below_high=False):
+    if low is not None and high is not None:
+        return f" {'above' if above_low else 'from'} {low} {'to below' if below_high else 'to'} {high}"
+    if low is not None:
+        return f" {'above' if above_low else 'of at least'} {low}"
+    if high is not None:
+        return f" {'below' if below_high else 'of at most'} {high}"
+    return ""
