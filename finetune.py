@@ -230,7 +230,7 @@ def main(
     from utils.lora import find_target_modules, lora_config, save_adapter, write_run_config
     from utils.memory import return_freed_memory, reuse_freed_memory
     from utils.train import (attention_for, causal_lm_loss, fast_lora, fast_norms, needs_checkpointing, project_in_loss, register_packed_attention,
-                             throughput_callback)
+                             run_loss_callback, throughput_callback)
 
     set_seed(seed)
     device = pick_device()
@@ -276,12 +276,13 @@ def main(
         remove_unused_columns=False, report_to="none", use_cpu=device == "cpu", ddp_find_unused_parameters=False,
         include_num_input_tokens_seen="all" if packing else "non_padding",  # a packed row has no padding
     )
-    speed = throughput_callback()
+    speed, run_loss = throughput_callback(), run_loss_callback()
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val,
                       data_collator=Collator(tokenizer.pad_token_id, packing),
                       compute_loss_func=functools.partial(causal_lm_loss, head=head, workspace=None if memory_first else {}),
-                      callbacks=[speed])
+                      callbacks=[speed, run_loss])
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint or None)
+    train_loss = run_loss.mean(trainer.state, result.training_loss)  # the whole run's, also after a resume
     if val is not None:
         trainer.evaluate()
 
@@ -299,13 +300,13 @@ def main(
                      "tokens_min": int(lengths.min()), "tokens_max": int(lengths.max()), "train_tokens": int(train.lengths().sum())},
             "training": {"learning_rate": learning_rate, "epochs": num_epochs, "steps": result.global_step, "seed": seed,
                          "per_device_train_batch_size": per_device_train_batch_size, "gradient_accumulation_steps": gradient_accumulation_steps,
-                         "train_loss": result.training_loss if math.isfinite(result.training_loss) else None,
+                         "train_loss": train_loss if math.isfinite(train_loss) else None,
                          "tokens_per_second": speed.tokens_per_second,
                          "activation_checkpointing": bool(model.base_model.model.is_activation_checkpointing)},
         })
         plot_loss(trainer.state.log_history, out / "loss.png")
         say(f"wrote the adapter, tokenizer, run_config.json and loss.png to {out}/ in {time.time() - t0:.0f} s "
-            f"({result.global_step} steps, train loss {result.training_loss:.3f}, {speed.tokens_per_second or 0:.0f} tokens/s)")
+            f"({result.global_step} steps, train loss {train_loss:.3f}, {speed.tokens_per_second or 0:.0f} tokens/s)")
 
 
 if __name__ == "__main__":

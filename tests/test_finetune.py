@@ -65,6 +65,20 @@ def test_resume_gives_the_same_next_loss(finetune, tmp_path):
     assert resumed[4] == pytest.approx(uninterrupted[4], abs=1e-4)
 
 
+@pytest.mark.parametrize("logging_steps", [1, 3])
+def test_resumed_run_records_the_whole_runs_loss(finetune, tmp_path, logging_steps):
+    """run_config.json's train_loss after a resume is the mean over all steps, as in the uninterrupted run,
+    also when the checkpoint falls between two logging steps."""
+    finetune(max_steps=5, output_dir=str(tmp_path / "full"), logging_steps=logging_steps)
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    finetune(max_steps=5, output_dir=str(tmp_path / "resumed"), logging_steps=logging_steps, resume_from_checkpoint=True)
+    whole, resumed = (json.loads((tmp_path / name / "run_config.json").read_text())["training"]["train_loss"] for name in ("full", "resumed"))
+    state = json.loads((tmp_path / "resumed" / "checkpoint-4" / "trainer_state.json").read_text())
+    only_resumed = [h["loss"] for h in state["log_history"] if "loss" in h and h["step"] > 2]
+    assert resumed == pytest.approx(whole, abs=1e-3) and abs(resumed - sum(only_resumed) / len(only_resumed)) > 1e-3
+
+
 def test_refuses_to_overwrite_a_run_and_resume_without_checkpoint(finetune, tmp_path):
     finetune()
     with pytest.raises(UserError, match="already holds a run"):
