@@ -11,7 +11,8 @@ Ctrl-C during an answer stops that answer and returns to the prompt.
 """
 import sys
 
-from utils.errors import UserError, as_bool, run_cli
+from utils.errors import UserError, run_cli
+from utils.flags import Checks
 
 COMMANDS_HELP = "Commands: clear (forget the conversation), exit or quit (or Ctrl-D). Ctrl-C stops an answer."
 
@@ -82,13 +83,13 @@ def main(model_path: str = None, lora_model: str = None, base_model: str = None,
     """
     from utils import generation
 
-    load, max_context = generation.chat_model_flags(model_path, lora_model, base_model, template, input_pattern, num_gpus,
-                                         load_8bit, load_4bit, precision, local_files_only, max_context)
-    no_stream = as_bool(no_stream, "no_stream")
-    if seed is not None and (isinstance(seed, bool) or not str(seed).lstrip("-").isdigit()):
-        raise UserError(f"--seed must be an integer, got {seed!r}.")
+    c = Checks()
+    load, max_context = generation.chat_model_flags(c, model_path, lora_model, base_model, template, input_pattern, num_gpus,
+                                                    load_8bit, load_4bit, precision, local_files_only, max_context)
+    no_stream, seed, system = c.boolean("no_stream", no_stream), c.integer("seed", seed, 0, none=True), c.text("system", system) or ""
     settings = generation.check_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty,
-                                         no_repeat_ngram_size, as_bool(do_sample, "do_sample"))
+                                         no_repeat_ngram_size, do_sample, checks=c)
+    c.done()
     if prompt is None and sys.stdin is None:  # started with standard input closed
         raise UserError("standard input is closed; pass the question with --prompt=\"...\", pipe it on stdin, or run in a terminal.")
     one_shot = prompt is not None or not sys.stdin.isatty()

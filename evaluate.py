@@ -17,6 +17,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from utils.errors import UserError, as_list, run_cli
+from utils.files import output_problem, write_text_atomic
+from utils.flags import Checks
 from utils.evaluation import (CHOICES, SharedPrefix, batches, cloze_example, cloze_tokens, fit_shots, letter_example,
                               letter_header, letter_token_ids, log_probs_at, read_questions, subject_files, subject_title)
 
@@ -130,16 +132,20 @@ def main(
         local_files_only: never download a model from the hub.
         limit: score only the first N questions of each subject (a quick check, not a benchmark figure).
     """
-    if method not in ("letter", "cloze"):
-        raise UserError(f"--method={method!r} is not letter or cloze.")
-    if not data_dir or not Path(data_dir).expanduser().is_dir():
-        raise UserError(f"--data_dir={data_dir!r} is not a folder; pass an unpacked C-Eval or CMMLU folder (with dev/ and test/).")
-    try:
-        few_shot, batch_size = int(few_shot), int(batch_size)
-    except (TypeError, ValueError):
-        raise UserError(f"--few_shot={few_shot!r} and --batch_size={batch_size!r} must be whole numbers.") from None
-    if few_shot < 0 or batch_size < 1:
-        raise UserError(f"--few_shot must be >= 0 and --batch_size >= 1, got {few_shot} and {batch_size}.")
+    c = Checks()
+    model_path, lora_model, base_model = c.text("model_path", model_path), c.text("lora_model", lora_model), c.text("base_model", base_model)
+    data_dir, split, output_dir = c.text("data_dir", data_dir, True, "path/to/cmmlu"), c.text("split", split), c.text("output_dir", output_dir)
+    method, precision = c.choice("method", method, ("letter", "cloze")), c.choice("precision", precision, ("auto", "bf16", "fp16", "fp32"))
+    few_shot, batch_size = c.integer("few_shot", few_shot, 0), c.integer("batch_size", batch_size, 1)
+    max_length, limit = c.integer("max_length", max_length, 16, none=True), c.integer("limit", limit, 1, none=True)
+    local_files_only = c.boolean("local_files_only", local_files_only)
+    if isinstance(data_dir, str) and not Path(data_dir).expanduser().is_dir():
+        c.add(f"--data_dir={data_dir} is not a folder; pass an unpacked C-Eval or CMMLU folder (with dev/ and test/)")
+    if not isinstance(output_dir, bool) and output_problem(output_dir or ROOT / "eval_results", "output_dir"):
+        c.add(output_problem(output_dir or ROOT / "eval_results", "output_dir"))
+    if model_path and lora_model:
+        c.add("--model_path and --lora_model exclude each other; pass a merged folder or an adapter folder")
+    c.done()
     data_dir = Path(data_dir).expanduser().resolve()
     split = split or ("val" if (data_dir / "val").is_dir() else "test")
     files = subject_files(data_dir, split)
@@ -151,7 +157,7 @@ def main(
     data = {}
     for subject in wanted:  # read and check every file before loading the model
         layout, questions = read_questions(files[subject])
-        questions = questions[:int(limit)] if limit else questions
+        questions = questions[:limit] if limit else questions
         shots = []
         if few_shot:
             if subject not in dev_files:
@@ -207,11 +213,11 @@ def main(
               "max_length": max_length, "subjects": results, "average": average, "questions": total,
               "seconds": round(seconds, 2), "seconds_per_100_questions": round(100 * seconds / total, 2)}
     path = out / f"results_{tag}.json"
-    path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text_atomic(path, json.dumps(report, indent=2, ensure_ascii=False) + "\n", "output_dir")
     written = [path]
     if not metrics:  # a split without answers: predictions in C-Eval's submission format
         written.append(out / f"submission_{tag}.json")
-        written[-1].write_text(json.dumps(submission, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_text_atomic(written[-1], json.dumps(submission, indent=2, ensure_ascii=False) + "\n", "output_dir")
     print(f"Wrote {', '.join(str(p) for p in written)}")
 
 

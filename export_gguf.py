@@ -11,7 +11,9 @@ An adapter folder must be merged first (merge_lora.py): GGUF holds one set of pl
 import time
 from pathlib import Path
 
-from utils.errors import UserError, run_cli
+from utils.errors import run_cli
+from utils.files import atomic_path, output_problem, write_text_atomic
+from utils.flags import Checks
 
 ROOT = Path(__file__).resolve().parent
 
@@ -35,25 +37,34 @@ def main(
     from utils.gguf_export import TYPES, modelfile as ollama_modelfile, write_gguf
     from utils.model import BUILTIN, download_model_folder, load_config, load_tokenizer, resolve_model_path
 
+    c = Checks()
+    model_path, output = c.text("model_path", model_path), c.text("output", output)
+    modelfile, local_files_only = c.boolean("modelfile", modelfile), c.boolean("local_files_only", local_files_only)
     outtype = str(outtype).lower()
     if outtype not in TYPES:
-        raise UserError(f"--outtype={outtype!r} is not one of {', '.join(TYPES)}; for k-quants run llama.cpp's llama-quantize on the f16 file.")
+        c.add(f"--outtype={outtype!r} is not one of {', '.join(TYPES)}; for k-quants run llama.cpp's llama-quantize on the f16 file")
+    if isinstance(output, str):
+        target = Path(output).expanduser()
+        if target.suffix != ".gguf" or target.is_dir():
+            c.add(f"--output={output!r} must be a file path ending in .gguf")
+        elif output_problem(target.parent, "output"):  # an existing .gguf file is replaced; its folder must be writable
+            c.add(output_problem(target.parent, "output"))
     if model_path and (Path(model_path).expanduser() / "adapter_config.json").is_file():
-        raise UserError(f"{model_path} is a LoRA adapter folder; merge it first (python merge_lora.py --lora_model={model_path}) and export the merged folder.")
+        c.add(f"{model_path} is a LoRA adapter folder; merge it first (python merge_lora.py --lora_model={model_path}) and export the merged folder")
+    c.done()
     folder = Path(download_model_folder(resolve_model_path(model_path or BUILTIN, local_files_only, "model_path")))
     path = Path(output).expanduser() if output else ROOT / "models" / f"{folder.name}-{outtype}.gguf"
-    if path.suffix != ".gguf":
-        raise UserError(f"--output={output!r} must end in .gguf.")
     path.parent.mkdir(parents=True, exist_ok=True)
     config, tokenizer = load_config(folder, local_files_only), load_tokenizer(folder, local_files_only)
     print(f"Exporting {folder} to {path} ({outtype})")
     start = time.perf_counter()
-    count = write_gguf(folder, path, outtype, config, tokenizer, name=folder.name)
+    with atomic_path(path, "output") as tmp:  # a failed or interrupted export leaves no partial .gguf
+        count = write_gguf(folder, tmp, outtype, config, tokenizer, name=folder.name)
     seconds = time.perf_counter() - start
     written = [path]
     if modelfile:
         written.append(path.parent / "Modelfile")
-        written[-1].write_text(ollama_modelfile(path, tokenizer), encoding="utf-8")
+        write_text_atomic(written[-1], ollama_modelfile(path, tokenizer), "output")
     print(f"{count} tensors, {path.stat().st_size / 2**20:.1f} MiB in {seconds:.1f} s")
     print(f"Wrote {', '.join(str(p) for p in written)}")
 

@@ -12,7 +12,8 @@ oldest turns; a question longer than the context keeps its end.
 import threading
 from pathlib import Path
 
-from utils.errors import UserError, as_bool, run_cli
+from utils.errors import UserError, run_cli
+from utils.flags import Checks
 
 PARAMS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size", "do_sample")
 
@@ -173,16 +174,18 @@ def main(model_path: str = None, lora_model: str = None, base_model: str = None,
     """
     from utils import generation
 
-    load, max_context = generation.chat_model_flags(model_path, lora_model, base_model, template, input_pattern, num_gpus,
+    c = Checks()
+    load, max_context = generation.chat_model_flags(c, model_path, lora_model, base_model, template, input_pattern, num_gpus,
                                                     load_8bit, load_4bit, precision, local_files_only, max_context)
-    share = as_bool(share, "share")
-    if server_port is not None and (not str(server_port).isdigit() or not 0 < int(server_port) < 65536):
-        raise UserError(f"--server_port must be a port number from 1 to 65535, got {server_port!r}.")
-    if not str(concurrency).isdigit() or int(concurrency) < 1:
-        raise UserError(f"--concurrency must be a whole number of at least 1, got {concurrency!r}.")
+    share, server_name = c.boolean("share", share), c.text("server_name", server_name, True)
+    server_port, concurrency = c.integer("server_port", server_port, 1, 65535, none=True), c.integer("concurrency", concurrency, 1)
     settings = generation.check_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty,
-                                         no_repeat_ngram_size, as_bool(do_sample, "do_sample"))
-    logins = parse_auth(auth)
+                                         no_repeat_ngram_size, do_sample, checks=c)
+    try:
+        logins = parse_auth(auth)
+    except UserError as e:
+        c.add(str(e).rstrip("."))
+    c.done()
     if server_port is not None:  # a taken port would otherwise fail only after the model has loaded
         import socket
 

@@ -14,7 +14,9 @@ run_config.json, merge_info.json) that loads unchanged in transformers and vLLM,
 """
 import time
 
-from utils.errors import UserError, run_cli
+from utils.errors import run_cli
+from utils.files import output_problem
+from utils.flags import Checks
 
 
 def main(
@@ -39,20 +41,14 @@ def main(
         no_verify: skip the check that loads base + adapter through PEFT and the merged model in fp32 and compares their logits on probe prompts.
         allow_pickle: allow pickled .bin weights (adapter or base), which can run code when loaded; safetensors are used whenever present.
     """
-    problems = []
-    if not output_dir or not isinstance(output_dir, str):
-        problems.append("--output_dir is required, e.g. --output_dir=models/merged")
-    if not lora_model or not isinstance(lora_model, str):
-        problems.append("--lora_model is required, e.g. --lora_model=output/")
-    if base_model is not None and not isinstance(base_model, str):
-        problems.append(f"--base_model must be a folder path or hub id, got {base_model!r}")
-    if qlora_base not in (None, True, False):
-        problems.append(f"--qlora_base must be True or False, got {qlora_base!r}")
-    for name, value in (("overwrite", overwrite), ("no_verify", no_verify), ("allow_pickle", allow_pickle)):
-        if not isinstance(value, bool):
-            problems.append(f"--{name} must be True or False, got {value!r}")
-    if problems:
-        raise UserError("; ".join(problems) + ".")
+    c = Checks()
+    lora_model, output_dir = c.text("lora_model", lora_model, True, "output/"), c.text("output_dir", output_dir, True, "models/merged")
+    base_model, dtype = c.text("base_model", base_model), c.choice("dtype", dtype, ("auto", "bf16", "fp16", "fp32"))
+    qlora_base = None if qlora_base is None else c.boolean("qlora_base", qlora_base)
+    overwrite, no_verify, allow_pickle = c.boolean("overwrite", overwrite), c.boolean("no_verify", no_verify), c.boolean("allow_pickle", allow_pickle)
+    if isinstance(output_dir, str) and output_problem(output_dir, "output_dir"):
+        c.add(output_problem(output_dir, "output_dir"))
+    c.done()
 
     from utils.merge import merge, parse_dtype
 

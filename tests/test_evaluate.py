@@ -194,7 +194,7 @@ def test_bad_files_get_one_clear_sentence(cmmlu_dir, tmp_path, edit, message):
 def test_bad_arguments(cmmlu_dir, tmp_path):
     with pytest.raises(UserError, match="no test file for subject\\(s\\) virology"):
         evaluate.main(data_dir=str(cmmlu_dir), subjects="anatomy,virology")
-    with pytest.raises(UserError, match="is not letter or cloze"):
+    with pytest.raises(UserError, match="--method must be one of letter, cloze, got .mc."):
         evaluate.main(data_dir=str(cmmlu_dir), method="mc")
     with pytest.raises(UserError, match="is not a folder"):
         evaluate.main(data_dir=str(tmp_path / "nowhere"))

@@ -97,7 +97,7 @@ def test_settings_are_checked_together():
                                 "repetition_penalty": 1.1, "no_repeat_ngram_size": 0, "do_sample": True}
     assert check_settings(temperature=0)["do_sample"] is False
     assert check_settings(max_new_tokens="20", do_sample="False")["max_new_tokens"] == 20
-    with pytest.raises(UserError, match=r"--max_new_tokens must be an integer.*--top_p=1.5 is out of range"):
+    with pytest.raises(UserError, match=r"--max_new_tokens must be an integer \(at least 1\), got 'many'; --top_p must be from 0 to 1, got 1.5"):
         check_settings(top_p=1.5, max_new_tokens="many")
 
 

@@ -53,15 +53,6 @@ def as_list(value, flag):
     return [v.strip() for v in value if v.strip()]
 
 
-def as_bool(value, flag):
-    """fire gives True, "true", 1, "yes" ...; anything else for a yes/no flag is one clear error."""
-    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-        return value.lower() in ("true", "1", "yes")
-    if isinstance(value, bool) or value in (0, 1):
-        return bool(value)
-    raise UserError(f"--{flag} must be True or False, got {value!r}.")
-
-
 def is_main_process():
     """True on rank 0, or when not distributed: only it prints summaries and writes files."""
     return int(os.environ.get("RANK", "0")) == 0

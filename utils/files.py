@@ -1,8 +1,11 @@
-"""Files shared by every stage: where the cache lives, and a lock that lets one process at a time build it."""
+"""Files shared by every stage: where the cache lives, a lock that lets one process at a time build it, output
+folders checked before work, and writes that never leave half a file."""
 import contextlib
 import fcntl
 import os
 from pathlib import Path
+
+from utils.errors import UserError
 
 
 def cache_dir():
@@ -39,3 +42,24 @@ def output_problem(path, flag):
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"--{flag}={path}: {existing} is not writable; pass a folder you can write to"
     return None
+
+
+@contextlib.contextmanager
+def atomic_path(path, flag):
+    """A temporary path beside `path` to write to; renamed onto `path` when the block ends, removed when it
+    fails, so a reader never sees half a file. A write error (a full disk) becomes one sentence naming --flag."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"could not write {path} ({e.strerror or e}); free some disk space or pass another --{flag}.") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text_atomic(path, text, flag):
+    with atomic_path(path, flag) as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -61,10 +61,10 @@ class Checks:
             if isinstance(value, bool) or number is None or float(value) != number:
                 raise ValueError
         except (TypeError, ValueError):
-            self.add(f"--{name} must be an integer{_range(low, high)}, got {value!r}")
+            self.add(f"--{name} must be an integer{_range(low, high, parens=True)}, got {value!r}")
             return value
         if (low is not None and number < low) or (high is not None and number > high):
-            self.add(f"--{name} must be{_range(low, high)}, got {value!r}")
+            self.add(f"--{name} must be {_range(low, high).strip()}, got {value!r}")
         return number
 
     def number(self, name, value, low=None, high=None, below_high=False, above_low=False, none=False):
@@ -78,11 +78,11 @@ class Checks:
             if number != number:  # nan
                 raise ValueError
         except (TypeError, ValueError):
-            self.add(f"--{name} must be a number{_range(low, high, above_low, below_high)}, got {value!r}")
+            self.add(f"--{name} must be a number{_range(low, high, above_low, below_high, parens=True)}, got {value!r}")
             return value
         if (low is not None and (number < low or (above_low and number == low))) or \
                 (high is not None and (number > high or (below_high and number == high))):
-            self.add(f"--{name} must be{_range(low, high, above_low, below_high)}, got {value!r}")
+            self.add(f"--{name} must be {_range(low, high, above_low, below_high).strip()}, got {value!r}")
         return number
 
     def choice(self, name, value, choices):
@@ -105,11 +105,14 @@ class Checks:
         return value
 
 
-def _range(low, high, above_low=False, below_high=False):
+def _range(low, high, above_low=False, below_high=False, parens=False):
+    """ "at least 1", "above 0", "from 0 to below 1", ... ; in parentheses after a type when parens."""
     if low is not None and high is not None:
-        return f" {'above' if above_low else 'from'} {low} {'to below' if below_high else 'to'} {high}"
-    if low is not None:
-        return f" {'above' if above_low else 'of at least'} {low}"
-    if high is not None:
-        return f" {'below' if below_high else 'of at most'} {high}"
-    return ""
+        phrase = f"{'above' if above_low else 'from'} {low} {'to below' if below_high else 'to'} {high}"
+    elif low is not None:
+        phrase = f"{'above' if above_low else 'at least'} {low}"
+    elif high is not None:
+        phrase = f"{'below' if below_high else 'at most'} {high}"
+    else:
+        return ""
+    return f" ({phrase})" if parens else f" {phrase}"

@@ -15,7 +15,8 @@ from transformers import (LogitsProcessorList, NoRepeatNGramLogitsProcessor, Rep
                           TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 from utils.data import encode_prompt
-from utils.errors import UserError, as_bool
+from utils.errors import UserError
+from utils.flags import Checks
 from utils.templates import pick_template
 
 # Sampling with a mild repetition penalty: greedy decoding is what makes small models loop forever.
@@ -24,54 +25,45 @@ DEFAULTS = {"max_new_tokens": 512, "temperature": 0.7, "top_p": 0.9, "top_k": 40
 END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>", "</s>")
 
 
-def chat_model_flags(model_path, lora_model, base_model, template, input_pattern, num_gpus, load_8bit, load_4bit,
+def chat_model_flags(c, model_path, lora_model, base_model, template, input_pattern, num_gpus, load_8bit, load_4bit,
                      precision, local_files_only, max_context):
-    """Check the model-choosing flags both chat stages take; returns (load_for_inference kwargs, max_context)."""
-    load_8bit, load_4bit = as_bool(load_8bit, "load_8bit"), as_bool(load_4bit, "load_4bit")
-    if load_8bit and load_4bit:
-        raise UserError("--load_8bit and --load_4bit exclude each other; pass only one.")
+    """Check the model-choosing flags both chat stages take into `c` (a utils.flags.Checks); returns
+    (load_for_inference kwargs, max_context)."""
+    load_8bit, load_4bit = c.boolean("load_8bit", load_8bit), c.boolean("load_4bit", load_4bit)
+    if load_8bit is True and load_4bit is True:
+        c.add("--load_8bit and --load_4bit exclude each other; pass only one")
+    model_path, lora_model, base_model = c.text("model_path", model_path), c.text("lora_model", lora_model), c.text("base_model", base_model)
     if model_path and lora_model:
-        raise UserError("--model_path and --lora_model exclude each other; pass a merged folder or an adapter folder.")
-    if max_context is not None and (not str(max_context).isdigit() or int(max_context) < 16):
-        raise UserError(f"--max_context must be an integer of at least 16, got {max_context!r}.")
-    load = dict(model_path=model_path, lora_model=lora_model, base_model=base_model,
-                template=pick_template(template, input_pattern), bits=8 if load_8bit else 4 if load_4bit else 16,
-                num_gpus=num_gpus, precision=precision, local_files_only=as_bool(local_files_only, "local_files_only"))
-    return load, int(max_context) if max_context else None
+        c.add("--model_path and --lora_model exclude each other; pass a merged folder or an adapter folder")
+    max_context, num_gpus = c.integer("max_context", max_context, 16, none=True), c.integer("num_gpus", num_gpus, 1)
+    try:
+        template = pick_template(c.text("template", template) or "auto", c.text("input_pattern", input_pattern))
+    except UserError as e:
+        c.add(str(e).rstrip("."))
+    load = dict(model_path=model_path, lora_model=lora_model, base_model=base_model, template=template,
+                bits=8 if load_8bit is True else 4 if load_4bit is True else 16, num_gpus=num_gpus,
+                precision=c.choice("precision", precision, ("auto", "bf16", "fp16", "fp32")),
+                local_files_only=c.boolean("local_files_only", local_files_only))
+    return load, max_context
 
 
 def check_settings(max_new_tokens=None, temperature=None, top_p=None, top_k=None, repetition_penalty=None,
-                   no_repeat_ngram_size=None, do_sample=None):
-    """Generation settings with defaults filled in and types converted (fire may pass strings or ints);
-    raises one UserError listing every bad value."""
+                   no_repeat_ngram_size=None, do_sample=None, checks=None):
+    """Generation settings with defaults filled in and types converted (fire may pass strings or ints). Bad
+    values go into `checks` when given (a script's utils.flags.Checks), else raise one UserError listing all."""
+    c = checks or Checks()
     given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                  repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, do_sample=do_sample)
-    rules = {"max_new_tokens": (int, 1, None), "temperature": (float, 0.0, None), "top_p": (float, 0.0, 1.0),
-             "top_k": (int, 0, None), "repetition_penalty": (float, 0.0, None), "no_repeat_ngram_size": (int, 0, None)}
-    settings, problems = {}, []
-    for name, value in given.items():
-        value = DEFAULTS[name] if value is None else value
-        if name == "do_sample":
-            if isinstance(value, str) and value.lower() in ("true", "false"):
-                value = value.lower() == "true"
-            if not isinstance(value, bool):
-                problems.append(f"--do_sample must be True or False, got {value!r}")
-            settings[name] = value
-            continue
-        kind, low, high = rules[name]
-        try:
-            number = kind(value)
-            if isinstance(value, bool) or (kind is int and float(value) != number):
-                raise ValueError
-        except (TypeError, ValueError):
-            problems.append(f"--{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-            continue
-        if number < low or (high is not None and number > high) or (name == "repetition_penalty" and number == 0):
-            problems.append(f"--{name}={value!r} is out of range ({'above 0' if name == 'repetition_penalty' else f'at least {low}'}"
-                            f"{f' and at most {high}' if high is not None else ''})")
-        settings[name] = number
-    if problems:
-        raise UserError("bad generation settings: " + "; ".join(problems) + ".")
+    value = {name: DEFAULTS[name] if v is None else v for name, v in given.items()}
+    settings = {"max_new_tokens": c.integer("max_new_tokens", value["max_new_tokens"], 1),
+                "temperature": c.number("temperature", value["temperature"], 0),
+                "top_p": c.number("top_p", value["top_p"], 0, 1),
+                "top_k": c.integer("top_k", value["top_k"], 0),
+                "repetition_penalty": c.number("repetition_penalty", value["repetition_penalty"], 0, above_low=True),
+                "no_repeat_ngram_size": c.integer("no_repeat_ngram_size", value["no_repeat_ngram_size"], 0),
+                "do_sample": c.boolean("do_sample", value["do_sample"])}
+    if checks is None:
+        c.done("bad generation settings")
     if settings["temperature"] == 0:  # the usual meaning of temperature 0
         settings["do_sample"] = False
     return settings
