@@ -21,6 +21,7 @@ from utils.errors import UserError, as_list, is_main_process, run_cli
 from utils.files import output_problem
 from utils.flags import Checks
 from utils.records import PT_SUFFIXES, SFT_SUFFIXES, data_files
+from utils.run_folder import checkpoint_problem, checkpoints, cleaned_up_on_write_errors, latest_complete, staged
 from utils.model import BUILTIN, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
 from utils.token_store import tokenized
 
@@ -182,16 +183,20 @@ def main(
             as_list(value, name)
         except UserError as e:
             c.add(str(e).rstrip("."))
+    out, skipped = Path(str(output_dir)), []
+    if resume_from_checkpoint is True:
+        resume_from_checkpoint, skipped = latest_complete(out)
+        if resume_from_checkpoint is None:
+            c.add(f"--resume_from_checkpoint=True but {out} holds no complete checkpoint-N folder"
+                  + (f" ({', '.join(p.name for p in skipped)} {'was' if len(skipped) == 1 else 'were'} cut short)" if skipped else "")
+                  + "; pass a checkpoint folder, or drop the flag")
+    elif isinstance(resume_from_checkpoint, str) and checkpoint_problem(resume_from_checkpoint):
+        c.add(f"--resume_from_checkpoint: {checkpoint_problem(resume_from_checkpoint)}; pass a checkpoint-N folder finetune.py wrote, or True")
+    if not resume_from_checkpoint and overwrite_output_dir is False and dry_run is False and (checkpoints(out) or (out / "adapter_config.json").exists()):
+        c.add(f"{out} already holds a run; pass --resume_from_checkpoint=True to continue it, --overwrite_output_dir=True to replace it, or another --output_dir")
     c.done()
     targets = as_list(lora_target_modules, "lora_target_modules")
     modules_to_save = as_list(modules_to_save, "modules_to_save")
-    out = Path(output_dir)
-    if resume_from_checkpoint is True and not list(out.glob("checkpoint-*")):
-        raise UserError(f"--resume_from_checkpoint=True but {out} holds no checkpoint-N folder; pass a checkpoint path, or drop the flag.")
-    if isinstance(resume_from_checkpoint, str) and not Path(resume_from_checkpoint).is_dir():
-        raise UserError(f"--resume_from_checkpoint={resume_from_checkpoint} is not a folder; pass a checkpoint-N folder, or True for the latest.")
-    if not resume_from_checkpoint and not overwrite_output_dir and not dry_run and (list(out.glob("checkpoint-*")) or (out / "adapter_config.json").exists()):
-        raise UserError(f"{out} already holds a run; pass --resume_from_checkpoint=True to continue it, --overwrite_output_dir=True to replace it, or another --output_dir.")
     say = print if is_main_process() else (lambda *a, **k: None)
 
     # --- data: validated and tokenized before any model loads -------------------------------------
@@ -281,30 +286,34 @@ def main(
                       data_collator=Collator(tokenizer.pad_token_id, packing),
                       compute_loss_func=functools.partial(causal_lm_loss, head=head, workspace=None if memory_first else {}),
                       callbacks=[speed, run_loss])
-    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint or None)
+    if skipped:
+        say(f"resuming from {resume_from_checkpoint.name}; passed over {', '.join(p.name for p in skipped)}, cut short by an earlier run")
+    with cleaned_up_on_write_errors(out):
+        result = trainer.train(resume_from_checkpoint=str(resume_from_checkpoint) if resume_from_checkpoint else None)
     train_loss = run_loss.mean(trainer.state, result.training_loss)  # the whole run's, also after a resume
     if val is not None:
         trainer.evaluate()
 
     # --- save: adapter, tokenizer, run config, loss plot (rank 0 only) ----------------------------
     if trainer.is_world_process_zero():
-        save_adapter(model, out)
-        tokenizer.save_pretrained(out)
-        lengths = data.lengths()
-        write_run_config(out, {
-            "base_model": base_model, "base_model_path": model_path, "stage": stage, "template": tmpl.to_dict(),
-            "cutoff_len": cutoff_len, "block_size": block_size if stage == "pt" else None, "train_on_inputs": train_on_inputs,
-            "bits": bits, "dtype": str(dtype).replace("torch.", ""),
-            "lora": {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout, "target_modules": targets, "modules_to_save": modules_to_save},
-            "data": {"path": str(data_path), **data.stats, "max_samples": max_samples, "train_examples": len(train), "validation_examples": len(val or ()),
-                     "tokens_min": int(lengths.min()), "tokens_max": int(lengths.max()), "train_tokens": int(train.lengths().sum())},
-            "training": {"learning_rate": learning_rate, "epochs": num_epochs, "steps": result.global_step, "seed": seed,
-                         "per_device_train_batch_size": per_device_train_batch_size, "gradient_accumulation_steps": gradient_accumulation_steps,
-                         "train_loss": train_loss if math.isfinite(train_loss) else None,
-                         "tokens_per_second": speed.tokens_per_second,
-                         "activation_checkpointing": bool(model.base_model.model.is_activation_checkpointing)},
-        })
-        plot_loss(trainer.state.log_history, out / "loss.png")
+        with staged(out) as folder:  # moved into --output_dir once every file is written
+            save_adapter(model, folder)
+            tokenizer.save_pretrained(folder)
+            lengths = data.lengths()
+            write_run_config(folder, {
+                "base_model": base_model, "base_model_path": model_path, "stage": stage, "template": tmpl.to_dict(),
+                "cutoff_len": cutoff_len, "block_size": block_size if stage == "pt" else None, "train_on_inputs": train_on_inputs,
+                "bits": bits, "dtype": str(dtype).replace("torch.", ""),
+                "lora": {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout, "target_modules": targets, "modules_to_save": modules_to_save},
+                "data": {"path": str(data_path), **data.stats, "max_samples": max_samples, "train_examples": len(train), "validation_examples": len(val or ()),
+                         "tokens_min": int(lengths.min()), "tokens_max": int(lengths.max()), "train_tokens": int(train.lengths().sum())},
+                "training": {"learning_rate": learning_rate, "epochs": num_epochs, "steps": result.global_step, "seed": seed,
+                             "per_device_train_batch_size": per_device_train_batch_size, "gradient_accumulation_steps": gradient_accumulation_steps,
+                             "train_loss": train_loss if math.isfinite(train_loss) else None,
+                             "tokens_per_second": speed.tokens_per_second,
+                             "activation_checkpointing": bool(model.base_model.model.is_activation_checkpointing)},
+            })
+            plot_loss(trainer.state.log_history, folder / "loss.png")
         say(f"wrote the adapter, tokenizer, run_config.json and loss.png to {out}/ in {time.time() - t0:.0f} s "
             f"({result.global_step} steps, train loss {train_loss:.3f}, {speed.tokens_per_second or 0:.0f} tokens/s)")
 

@@ -83,7 +83,7 @@ def test_refuses_to_overwrite_a_run_and_resume_without_checkpoint(finetune, tmp_
     finetune()
     with pytest.raises(UserError, match="already holds a run"):
         finetune()
-    with pytest.raises(UserError, match="holds no checkpoint-N folder"):
+    with pytest.raises(UserError, match="holds no complete checkpoint-N folder"):
         finetune(output_dir=str(tmp_path / "empty"), resume_from_checkpoint=True)
 
 

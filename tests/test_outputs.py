@@ -73,3 +73,42 @@ def test_evaluate_flags_are_checked_first(tmp_path, flags, message):
     flags = {k: str(tmp_path / v) if v == "FILE" else v for k, v in flags.items()}
     with pytest.raises(UserError, match=message):
         evaluate.main(**{"data_dir": str(tmp_path), **flags})
+
+
+def test_finetune_full_disk_at_a_checkpoint_removes_it(finetune, tmp_path, monkeypatch):
+    """The disk fills while checkpoint-2 is written: one sentence, checkpoint-2 removed, nothing half-written."""
+    from transformers import Trainer
+
+    def full_disk(self, output_dir):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", full_disk)
+    with pytest.raises(UserError, match=r"writing to .*out failed \(No space left on device\); removed the cut-short checkpoint-2; "
+                                        r"free some disk space, then continue with --resume_from_checkpoint=True\."):
+        finetune(max_steps=4)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+
+
+def test_finetune_full_disk_at_the_final_save_replaces_nothing(finetune, tmp_path, monkeypatch):
+    import utils.lora
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(utils.lora, "write_run_config", full_disk)
+    with pytest.raises(UserError, match=r"saving the adapter into .*out failed \(No space left on device\); nothing was replaced"):
+        finetune(max_steps=2)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-2"]  # complete: a resume can go on from it
+
+
+def test_resume_passes_over_a_cut_short_checkpoint(finetune, tmp_path, capsys):
+    finetune(max_steps=4)
+    (tmp_path / "out" / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 4, "log_hist')  # cut short
+    capsys.readouterr()
+    finetune(max_steps=4, resume_from_checkpoint=True)
+    assert "resuming from checkpoint-2; passed over checkpoint-4, cut short by an earlier run" in capsys.readouterr().out
+    not_a_checkpoint = tmp_path / "notes"
+    not_a_checkpoint.mkdir()
+    with pytest.raises(UserError, match=r"--resume_from_checkpoint: .*notes is not a complete checkpoint \(it lacks adapter_model.safetensors, "
+                                        r"adapter_config.json, optimizer.pt, scheduler.pt, trainer_state.json\)"):
+        finetune(max_steps=4, resume_from_checkpoint=str(not_a_checkpoint))
