@@ -234,8 +234,8 @@ def main(
 
     from utils.lora import find_target_modules, lora_config, save_adapter, write_run_config
     from utils.memory import return_freed_memory, reuse_freed_memory
-    from utils.train import (attention_for, causal_lm_loss, fast_lora, fast_norms, needs_checkpointing, project_in_loss, register_packed_attention,
-                             run_loss_callback, throughput_callback)
+    from utils.fast import attention_for, causal_lm_loss, prepare_for_training, register_packed_attention
+    from utils.train import needs_checkpointing, run_loss_callback, throughput_callback
 
     set_seed(seed)
     device = pick_device()
@@ -256,9 +256,7 @@ def main(
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
-    fast_lora(model)  # fused LoRA layers; LoRA weights stay fp32, their matmuls run in half under autocast
-    fast_norms(model)
-    head = project_in_loss(model)  # the loss projects the supervised hidden states, without a logits tensor
+    head, fast = prepare_for_training(model, device)  # the kernels measured to pay on this device (utils/fast)
     if gradient_checkpointing == "auto":
         length = cutoff_len if stage == "sft" else block_size
         gradient_checkpointing = memory_first or needs_checkpointing(model.config, per_device_train_batch_size * length, length,
@@ -267,7 +265,7 @@ def main(
     quantized = sum(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
     say(f"base: {base_model} ({str(dtype)[6:]}, {bits}-bit, {quantized} quantized linear layers)   LoRA r={lora_r} on "
         f"{', '.join(targets)}   trainable {trainable:,} of {total:,} parameters   activation checkpointing: {'on' if gradient_checkpointing else 'off'}"
-        + (f"   {torch.get_num_threads()} CPU threads" if device == "cpu" else ""))
+        + (f"   {torch.get_num_threads()} CPU threads" if device == "cpu" else "") + f"\nfast path: {', '.join(fast)}")
 
     # --- train ------------------------------------------------------------------------------------
     args = TrainingArguments(

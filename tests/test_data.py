@@ -78,7 +78,9 @@ def test_packed_equals_padded(tiny_model_dir, tokenizer):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from utils.train import PACKED_ATTENTION, causal_lm_loss, fast_lora, project_in_loss, register_packed_attention
+    from utils.fast import PACKED_ATTENTION, causal_lm_loss, register_packed_attention
+    from utils.fast.lora import fast_lora
+    from utils.fast.loss import project_in_loss
 
     register_packed_attention()
     template = load_template("auto", tokenizer)
@@ -120,7 +122,7 @@ def test_linear_cross_entropy_equals_full_logits(monkeypatch):
     full logits: to fp32 rounding in fp32, and to bf16's precision under bf16 autocast."""
     import torch.nn.functional as F
 
-    from utils.train import _LinearCrossEntropy
+    from utils.fast.loss import _LinearCrossEntropy
 
     monkeypatch.setattr(_LinearCrossEntropy, "BLOCK", 7 * 300)  # 7 rows per block: 43 rows make 7 blocks
     torch.manual_seed(0)
@@ -149,7 +151,7 @@ def test_causal_attention_equals_sdpa(monkeypatch, dtype, tolerance, keep_up_to)
     recomputed in chunks (examples longer than a chunk included): exactly in fp32, to bf16's precision in bf16."""
     import torch.nn.functional as F
 
-    from utils.train import _CausalAttention, causal_attention
+    from utils.fast.attention import _CausalAttention, causal_attention
 
     monkeypatch.setattr(_CausalAttention, "CHUNK", 8)
     monkeypatch.setattr(_CausalAttention, "KEEP_UP_TO", keep_up_to)

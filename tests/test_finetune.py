@@ -219,18 +219,19 @@ def test_fused_lora_layers_equal_peft(tiny_model_dir, tokenizer, monkeypatch):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    import utils.train
+    import utils.fast.lora
     from utils.data import Collator, encode_dialogs
     from utils.templates import load_template
-    from utils.train import PACKED_ATTENTION, causal_lm_loss, fast_lora, register_packed_attention
+    from utils.fast import PACKED_ATTENTION, causal_lm_loss, register_packed_attention
+    from utils.fast.lora import fast_lora
 
     register_packed_attention()
     dialogs = [("", [("q" * n, "answer " * (n % 5 + 1))], "") for n in (3, 11, 25)]
     batch = Collator(tokenizer.pad_token_id)(encode_dialogs(dialogs, tokenizer, load_template("auto", tokenizer))[0])
     labels = batch.pop("labels")
     calls = []
-    fused_apply = utils.train._LoraLinear.apply
-    monkeypatch.setattr(utils.train._LoraLinear, "apply", lambda *args: calls.append(1) or fused_apply(*args))
+    fused_apply = utils.fast.lora._LoraLinear.apply
+    monkeypatch.setattr(utils.fast.lora._LoraLinear, "apply", lambda *args: calls.append(1) or fused_apply(*args))
 
     def run(dtype, fast, dropout=0.0, autocast=False):
         torch.manual_seed(0)
@@ -272,7 +273,7 @@ def test_fused_lora_layer_with_bias():
     """A base projection with a bias (Qwen2's q/k/v) fused: output and every gradient equal PEFT's."""
     from peft import LoraConfig, get_peft_model
 
-    from utils.train import fast_lora
+    from utils.fast.lora import fast_lora
 
     grads = []
     for fast in (False, True):
@@ -288,6 +289,28 @@ def test_fused_lora_layer_with_bias():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
+def test_fused_lora_steps_aside_for_a_lora_bias(monkeypatch):
+    """peft's lora_bias puts a bias on lora_B, which the fused layer does not compute: peft's forward runs."""
+    from peft import LoraConfig, get_peft_model
+
+    import utils.fast.lora
+    from utils.fast.lora import fast_lora
+
+    calls = []
+    fused_apply = utils.fast.lora._LoraLinear.apply
+    monkeypatch.setattr(utils.fast.lora._LoraLinear, "apply", lambda *args: calls.append(1) or fused_apply(*args))
+    outs = []
+    for fast in (False, True):
+        torch.manual_seed(0)
+        model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 24)), LoraConfig(r=4, target_modules=["0"], lora_bias=True,
+                                                                                         init_lora_weights=False))
+        torch.nn.init.normal_(model.base_model.model[0].lora_B["default"].bias)
+        if fast:
+            assert fast_lora(model) == 1
+        outs.append(model(torch.ones(2, 16)))
+    assert calls == [] and torch.allclose(*outs)
+
+
 def test_fast_norms_equal_transformers(tiny_model_dir, tokenizer):
     """fast_norms: every RMSNorm of the model runs as _RMSNorm, with transformers' loss and gradients (norm
     weights trained too), to fp32 rounding; every class it accepts computes exactly LlamaRMSNorm's forward."""
@@ -299,7 +322,7 @@ def test_fast_norms_equal_transformers(tiny_model_dir, tokenizer):
 
     from utils.data import Collator, encode_dialogs
     from utils.templates import load_template
-    from utils.train import LLAMA_RMS_NORMS, fast_norms
+    from utils.fast.norm import LLAMA_RMS_NORMS, fast_norms
 
     batch = Collator(tokenizer.pad_token_id, packing=False)(encode_dialogs(
         [("", [("q" * n, "answer " * (n % 5 + 1))], "") for n in (3, 11, 25)], tokenizer, load_template("auto", tokenizer))[0])
@@ -332,3 +355,26 @@ def test_dry_run_tokenizes_once_and_reports_it(finetune, tmp_path, capsys, monke
     assert "length histogram" in first and not (tmp_path / "out").exists()
     finetune(dry_run=True, data_path=f"{data_file},{data_file}", max_samples=20)
     assert "records read: 20, kept: 20" in capsys.readouterr().out
+
+
+def test_prepare_for_training_applies_only_what_was_measured_on_the_device(tiny_model_dir):
+    """On a CPU every measured kernel is on; on CUDA, where none has been measured, PEFT's and transformers'
+    own layers run and the loss takes the usual logits."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import Linear as LoraLinear
+    from transformers import AutoModelForCausalLM
+
+    from utils.fast import PACKED_ATTENTION, prepare_for_training, register_packed_attention
+
+    register_packed_attention()
+    for device in ("cpu", "cuda"):
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=PACKED_ATTENTION)
+        model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        head, on = prepare_for_training(model, device)
+        layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+        if device == "cpu":
+            assert head is base.lm_head and on == ["packed attention", "loss on supervised tokens", "fused LoRA", "fused RMSNorm", "loss without logits"]
+            assert all("forward" in vars(m) for m in layers)
+        else:
+            assert head is None and on == ["packed attention", "loss on supervised tokens"]
+            assert not any("forward" in vars(m) for m in layers)

@@ -213,7 +213,7 @@ class Collator:
     restart at each example, which makes the attention block-diagonal (transformers detects this from
     position_ids when no attention_mask is given), and each example's first label is masked so no
     example learns from its neighbour. Loss and gradients equal the padded computation. It also sends
-    logits_to_keep, the positions whose next token is supervised (see utils/train.py).
+    logits_to_keep, the positions whose next token is supervised (see utils/fast/loss.py).
     """
 
     def __init__(self, pad_token_id, packing=True):

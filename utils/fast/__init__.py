@@ -1,0 +1,36 @@
+"""The fast training path, behind one entry point: `prepare_for_training`.
+
+Each kernel copies behaviour that peft or transformers owns, keeps a test that pins it, and falls back to the
+library for any case it does not implement. It is applied only where bench/RESULTS.md shows it pays:
+- attention.py: causal attention per packed example (CPU and GPU; FlashAttention-2 varlen where installed);
+- loss.py: the loss on supervised positions only (everywhere), projected without a logits tensor (CPU);
+- lora.py: PEFT's LoRA layer as one fused step (CPU);
+- norm.py: RMSNorm in fewer passes (CPU).
+On CUDA nothing of ours has been measured yet, so the fused LoRA layer, the norm and the logits-free loss stay
+off there and PEFT's and transformers' own layers run, until a GPU A/B in bench/ says otherwise.
+"""
+from utils.fast.attention import PACKED_ATTENTION, attention_for, register_packed_attention
+from utils.fast.loss import causal_lm_loss, project_in_loss
+from utils.fast.lora import fast_lora
+from utils.fast.norm import fast_norms
+
+__all__ = ["PACKED_ATTENTION", "attention_for", "causal_lm_loss", "prepare_for_training", "register_packed_attention"]
+
+
+def prepare_for_training(model, device):
+    """Apply the measured kernels to a peft model for `device`; returns (the head the loss projects with, or
+    None for the usual logits, the names of the pieces that are on, for the run's banner)."""
+    attention = getattr(model.config, "_attn_implementation", None)
+    on = ["packed attention" + (" (FlashAttention-2)" if attention == "flash_attention_2" else "")] if attention in (
+        PACKED_ATTENTION, "flash_attention_2") else []
+    on.append("loss on supervised tokens")
+    if device != "cpu":
+        return None, on
+    if fast_lora(model):
+        on.append("fused LoRA")
+    if fast_norms(model):
+        on.append("fused RMSNorm")
+    head = project_in_loss(model)
+    if head is not None:
+        on.append("loss without logits")
+    return head, on
