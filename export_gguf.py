@@ -34,8 +34,9 @@ def main(
         modelfile: also write an Ollama Modelfile next to the GGUF file.
         local_files_only: never download a model from the hub.
     """
-    from utils.gguf_export import TYPES, modelfile as ollama_modelfile, write_gguf
-    from utils.model import BUILTIN, download_model_folder, load_config, load_tokenizer, resolve_model_path
+    from utils.gguf_export import TYPES, modelfile as ollama_modelfile, weight_files, write_gguf
+    from utils.model import download_model_folder, load_config, load_tokenizer, resolve_model_path
+    from utils.run_folder import BUILTIN
 
     c = Checks()
     model_path, output = c.text("model_path", model_path), c.text("output", output)
@@ -55,6 +56,7 @@ def main(
     folder = Path(download_model_folder(resolve_model_path(model_path or BUILTIN, local_files_only, "model_path")))
     path = Path(output).expanduser() if output else ROOT / "models" / f"{folder.name}-{outtype}.gguf"
     path.parent.mkdir(parents=True, exist_ok=True)
+    weight_files(folder)
     config, tokenizer = load_config(folder, local_files_only), load_tokenizer(folder, local_files_only)
     print(f"Exporting {folder} to {path} ({outtype})")
     start = time.perf_counter()

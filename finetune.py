@@ -21,33 +21,13 @@ from utils.errors import UserError, as_list, is_main_process, run_cli
 from utils.files import output_problem
 from utils.flags import Checks
 from utils.records import PT_SUFFIXES, SFT_SUFFIXES, data_files
-from utils.run_folder import checkpoint_problem, checkpoints, cleaned_up_on_write_errors, latest_complete, staged
-from utils.model import BUILTIN, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
+from utils.run_folder import BUILTIN, checkpoint_problem, checkpoints, cleaned_up_on_write_errors, latest_complete, plot_loss, staged, write_run_config
+from utils.model import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
 from utils.token_store import tokenized
 
 DEMO_DATA = Path(__file__).resolve().parent / "data" / "demo.json"
 # transformers' schedulers that need no extra arguments (tests/test_finetune.py checks each against SchedulerType)
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
-
-
-def plot_loss(log_history, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("loss", "train"), ("eval_loss", "eval")):
-        points = [(h["step"], h[key]) for h in log_history if key in h]
-        if points:
-            ax.plot(*zip(*points), marker="." if key == "loss" else "o", label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def main(
@@ -232,7 +212,7 @@ def main(
     from peft import get_peft_model
     from transformers import Trainer, TrainingArguments, set_seed
 
-    from utils.lora import find_target_modules, lora_config, save_adapter, write_run_config
+    from utils.lora import find_target_modules, lora_config, save_adapter
     from utils.memory import return_freed_memory, reuse_freed_memory
     from utils.fast import attention_for, causal_lm_loss, prepare_for_training, register_packed_attention
     from utils.train import needs_checkpointing, run_loss_callback, throughput_callback

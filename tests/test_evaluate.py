@@ -203,6 +203,17 @@ def test_bad_arguments(cmmlu_dir, tmp_path):
         evaluate.main(data_dir=str(cmmlu_dir), few_shot=5)
 
 
+def test_damaged_data_is_one_sentence_before_loading(cmmlu_dir, ceval_dir):
+    from utils.evaluation import subject_title
+
+    (cmmlu_dir / "test" / "anatomy.csv").write_bytes(",Question,A,B,C,D,Answer\n0,\xb2\xe2\xca\xd4,a,b,c,d,A\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"anatomy.csv is not UTF-8 \(byte 0xb2 at offset \d+\); re-save it as UTF-8"):
+        evaluate.main(data_dir=str(cmmlu_dir), subjects="anatomy")
+    (ceval_dir / "subject_mapping.json").write_text('{"anatomy": ["Anatomy", "解剖学"', encoding="utf-8")
+    with pytest.raises(UserError, match=r"subject_mapping.json is not readable JSON \(.*\); fix it"):
+        subject_title("anatomy", ceval_dir)
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "cmmlu").is_dir(), reason="needs ../shared/data/cmmlu (not part of a clone)")
 def test_builtin_model_on_real_cmmlu_matches_the_reference(smollm2_dir, tmp_path):
     """The built-in model on real questions it was not tuned on: 1-shot letter predictions equal the reference's."""

@@ -265,7 +265,7 @@ def test_real_finetune_adapter_on_the_builtin_model(finetune, tmp_path, smollm2_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from utils.lora import read_run_config
+    from utils.run_folder import read_run_config
     from utils.model import load_tokenizer
 
     finetune(base_model="builtin:smollm2", max_steps=1, save_steps=1, warmup_ratio=0, cutoff_len=32, learning_rate=1e-2,

@@ -53,8 +53,11 @@ class Question:
 def read_questions(path):
     """(layout, questions) of one csv file, "ceval" or "cmmlu", or one UserError naming the file and row."""
     path = Path(path)
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = [row for row in csv.reader(f) if row]
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [row for row in csv.reader(f) if row]
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); re-save it as UTF-8.") from None
     if not rows:
         raise UserError(f"{path} is empty; {LAYOUT_HELP}.")
     header = [h.strip() for h in rows[0]]
@@ -104,7 +107,12 @@ def subject_title(subject, data_dir):
     """The subject's Chinese name for the prompt header: C-Eval's subject_mapping.json, CMMLU's table, else the name."""
     mapping = Path(data_dir) / "subject_mapping.json"
     if mapping.is_file():
-        entry = json.loads(mapping.read_text(encoding="utf-8")).get(subject)
+        from utils.run_folder import read_json
+
+        table = read_json(mapping, 'fix it (C-Eval\'s layout: {"subject": ["English name", "中文名", "category"]}), or delete it')
+        if not isinstance(table, dict):
+            raise UserError(f"{mapping} holds a {type(table).__name__}, not a subject table; fix it, or delete it.")
+        entry = table.get(subject)
         if entry:
             return entry[1] if isinstance(entry, list) and len(entry) > 1 else str(entry)
     return CMMLU_NAMES.get(subject, subject.replace("_", " "))

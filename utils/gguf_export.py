@@ -38,15 +38,30 @@ def gguf_name(hf_name):
     return None
 
 
+def weight_files(folder):
+    """The folder's safetensors files, each checked to open (a cut-short shard is refused before any writing)."""
+    from safetensors import SafetensorError, safe_open
+
+    from utils.run_folder import read_json
+
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(read_json(index, "restore it, or merge again")["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    if not all((folder / f).is_file() for f in files):
+        raise UserError(f"{folder} has no model.safetensors (or its shards); export needs safetensors weights, e.g. a merge_lora.py output folder.")
+    for f in files:
+        try:
+            with safe_open(str(folder / f), "pt"):
+                pass
+        except SafetensorError as e:
+            raise UserError(f"{folder / f} is damaged or cut short ({e}); merge again, or copy the file again.") from None
+    return files
+
+
 def read_weights(folder):
     """Yield (name, float32 numpy array) from the folder's safetensors files, one tensor at a time."""
     from safetensors import safe_open
 
-    index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
-    if not all((folder / f).is_file() for f in files):
-        raise UserError(f"{folder} has no model.safetensors (or its shards); export needs safetensors weights, e.g. a merge_lora.py output folder.")
-    for f in files:
+    for f in weight_files(folder):
         with safe_open(str(folder / f), "pt") as st:
             for name in st.keys():
                 yield name, st.get_tensor(name).float().numpy()

@@ -1,5 +1,4 @@
-"""LoRA: target discovery, the PEFT config, the adapter check, and the run config handed to later stages."""
-import json
+"""LoRA: target discovery, the PEFT config, and the check that a saved adapter holds LoRA weights."""
 import re
 from pathlib import Path
 
@@ -7,7 +6,6 @@ import torch
 
 from utils.errors import UserError
 
-RUN_CONFIG = "run_config.json"
 _DECODER_LAYER = re.compile(r"\.(layers|h|blocks)\.\d+\.")
 
 
@@ -43,32 +41,3 @@ def save_adapter(model, output_dir):
     with safe_open(str(Path(output_dir) / "adapter_model.safetensors"), "pt") as f:
         if not any("lora_" in k for k in f.keys()):
             raise RuntimeError(f"{output_dir}/adapter_model.safetensors holds no lora_ weights after saving.")
-
-
-def write_run_config(output_dir, config):
-    path = Path(output_dir) / RUN_CONFIG
-    path.write_text(json.dumps(config, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    return path
-
-
-def read_run_config(folder):
-    """The run config of an adapter folder, a checkpoint-N/ inside it, or None if there is none."""
-    for candidate in (Path(folder) / RUN_CONFIG, Path(folder).parent / RUN_CONFIG):
-        if candidate.is_file():
-            return json.loads(candidate.read_text(encoding="utf-8"))
-    return None
-
-
-def adapter_base(folder, run_config=None):
-    """The base model an adapter was trained on: the run config's (its resolved path while that exists),
-    else the base_model_name_or_path PEFT recorded in adapter_config.json."""
-    from utils.model import BUILTIN
-
-    run_config = run_config or {}
-    if run_config.get("base_model") == BUILTIN:
-        return BUILTIN
-    if run_config.get("base_model_path") and Path(run_config["base_model_path"]).exists():
-        return run_config["base_model_path"]
-    if run_config.get("base_model"):
-        return run_config["base_model"]
-    return json.loads((Path(folder) / "adapter_config.json").read_text()).get("base_model_name_or_path")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from utils.errors import UserError
-from utils.lora import RUN_CONFIG, adapter_base, read_run_config
+from utils.run_folder import RUN_CONFIG, adapter_base, find_adapter, read_json, read_run_config
 from utils.memory import available_memory, peak_rss
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -46,17 +46,6 @@ def parse_dtype(name):
     return DTYPES[name]
 
 
-def find_adapter(lora_model):
-    """The folder holding adapter_config.json: the folder itself (a run or checkpoint-N) or its older adapter_model/."""
-    folder = Path(lora_model).expanduser().resolve()
-    if not folder.is_dir():
-        raise UserError(f"--lora_model={lora_model} is not a folder; pass a finetune.py output folder, a checkpoint-N folder or a PEFT adapter folder.")
-    for candidate in (folder, folder / "adapter_model"):
-        if (candidate / "adapter_config.json").is_file():
-            return candidate
-    raise UserError(f"{folder} holds no adapter_config.json; --lora_model needs a folder with adapter_config.json and adapter_model.safetensors (or .bin).")
-
-
 def _pattern_value(patterns, module, default):
     """peft's rank_pattern/alpha_pattern rule: the first key that matches the end of the module's name."""
     for key, value in patterns.items():
@@ -67,7 +56,7 @@ def _pattern_value(patterns, module, default):
 
 def load_adapter(folder, allow_pickle):
     """Read adapter_config.json and the weights into {module: {A, B, scale, magnitude, embedding}} and replacements."""
-    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    config = read_json(folder / "adapter_config.json", "restore it, or train again")
     if config.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{folder}/adapter_config.json is a {config['peft_type']} adapter; merge_lora.py merges LoRA adapters only.")
     for key in ("layer_replication", "trainable_token_indices", "target_parameters", "alora_invocation_tokens"):

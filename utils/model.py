@@ -16,8 +16,8 @@ import torch
 
 from utils.errors import UserError
 from utils.files import cache_dir, locked
+from utils.run_folder import BUILTIN
 
-BUILTIN = "builtin:smollm2"
 BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -299,16 +299,14 @@ def load_for_inference(model_path=None, lora_model=None, base_model=None, templa
     checkpoint-N/ inside it): its base comes from run_config.json or adapter_config.json unless base_model
     is given. Neither: the built-in model. Returns (model, tokenizer, template, run_config).
     """
-    from utils.lora import adapter_base, read_run_config
+    from utils.run_folder import adapter_base, find_adapter, read_run_config
     from utils.templates import resolve_template
 
     device = pick_device()
     dtype = pick_dtype(precision, device)
     run_config = None
     if lora_model:
-        folder = Path(lora_model)
-        if not (folder / "adapter_config.json").is_file():
-            raise UserError(f"{folder} holds no adapter_config.json; pass --lora_model a finetune.py output folder or a checkpoint-N folder.")
+        folder = lora_model = find_adapter(lora_model)
         run_config = read_run_config(folder) or {}
         base_model = base_model or adapter_base(folder, run_config)
         path = resolve_model_path(base_model or BUILTIN, local_files_only)

@@ -1,5 +1,10 @@
-"""The run folder finetune.py writes: its checkpoint-N/ folders, which a resume reads back, and the final files,
-saved so that a failed write leaves nothing half-done.
+"""The files the stages hand to each other, and their rules, in one place.
+
+finetune.py writes a run folder: the PEFT adapter, run_config.json (what later stages need: the base model,
+template, cutoff, quantization), loss.png and checkpoint-N/ folders. merge, chat, evaluation and export accept
+that folder, a checkpoint-N/ inside it (whose run_config.json is its parent's), an older folder with an
+adapter_model/ subfolder, or any PEFT adapter folder, by the same rules: `find_adapter`, `read_run_config`,
+`adapter_base`. BUILTIN names the built-in base model everywhere.
 
 The Trainer writes a checkpoint's files one after another and trainer_state.json last, so a checkpoint cut
 short (a full disk, a kill) lacks it or holds half of it. Such a folder is never resumed from.
@@ -13,6 +18,9 @@ import tempfile
 from pathlib import Path
 
 from utils.errors import UserError, is_main_process
+
+BUILTIN = "builtin:smollm2"
+RUN_CONFIG = "run_config.json"
 
 NEEDED = ("adapter_config.json", "optimizer.pt", "scheduler.pt", "trainer_state.json")
 _STEP = re.compile(r"^checkpoint-(\d+)$")
@@ -89,3 +97,86 @@ def staged(output_dir):
                         "then continue with --resume_from_checkpoint=True.") from None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def read_json(path, what):
+    """A JSON file another stage wrote; a damaged one is one sentence naming it and the fix."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path} is not readable JSON ({getattr(e, 'msg', None) or e}); {what}") from None
+
+
+def write_run_config(output_dir, config):
+    path = Path(output_dir) / RUN_CONFIG
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    return path
+
+
+def read_run_config(folder):
+    """The run config of an adapter folder, or of the run a checkpoint-N/ belongs to; None if there is none."""
+    for candidate in (Path(folder) / RUN_CONFIG, Path(folder).parent / RUN_CONFIG):
+        if candidate.is_file():
+            config = read_json(candidate, "restore it from the run, or delete it to fall back on adapter_config.json")
+            if not isinstance(config, dict):
+                raise UserError(f"{candidate} holds a {type(config).__name__}, not a run config; delete it to fall back on adapter_config.json.")
+            return config
+    return None
+
+
+def find_adapter(lora_model, flag="lora_model"):
+    """The folder holding the adapter: --lora_model itself (a run or checkpoint-N/) or its older adapter_model/;
+    its adapter_config.json must parse and its weights must be whole."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(lora_model).expanduser().resolve()
+    if not folder.is_dir():
+        raise UserError(f"--{flag}={lora_model} is not a folder; pass a finetune.py output folder, a checkpoint-N folder or a PEFT adapter folder.")
+    adapter = next((c for c in (folder, folder / "adapter_model") if (c / "adapter_config.json").is_file()), None)
+    if adapter is None:
+        raise UserError(f"{folder} holds no adapter_config.json; --{flag} needs a folder with adapter_config.json and adapter_model.safetensors (or .bin).")
+    config = read_json(adapter / "adapter_config.json", "restore it, or train again")
+    if not isinstance(config, dict):
+        raise UserError(f"{adapter}/adapter_config.json holds a {type(config).__name__}, not a PEFT adapter config; restore it, or train again.")
+    weights = adapter / "adapter_model.safetensors"
+    if weights.is_file():
+        try:
+            with safe_open(str(weights), "pt"):
+                pass
+        except SafetensorError as e:
+            raise UserError(f"{weights} is damaged or cut short ({e}); train again, or pass a checkpoint-N folder of the run.") from None
+    return adapter
+
+
+def adapter_base(folder, run_config=None):
+    """The base model an adapter was trained on: the run config's (its resolved path while that exists),
+    else the base_model_name_or_path PEFT recorded in adapter_config.json."""
+    run_config = run_config or {}
+    if run_config.get("base_model") == BUILTIN:
+        return BUILTIN
+    if run_config.get("base_model_path") and Path(run_config["base_model_path"]).exists():
+        return run_config["base_model_path"]
+    if run_config.get("base_model"):
+        return run_config["base_model"]
+    return read_json(Path(folder) / "adapter_config.json", "restore it, or train again").get("base_model_name_or_path")
+
+
+def plot_loss(log_history, path):
+    """loss.png: training and evaluation loss against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train"), ("eval_loss", "eval")):
+        points = [(h["step"], h[key]) for h in log_history if key in h]
+        if points:
+            ax.plot(*zip(*points), marker="." if key == "loss" else "o", label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
