@@ -1,5 +1,5 @@
 # make demo: install, fine-tune the built-in model on data/demo.json, merge the adapter, ask the merged model.
-# make test: install (with the test tools), then run the whole test suite.
+# make test: install (with the test tools), lint (ruff.toml), then run the whole test suite.
 #
 # Everything installs into a project virtualenv, .venv/, unless one is already active: Debian 12 and Ubuntu 24.04
 # refuse `pip install` into the system Python (PEP 668, "externally-managed-environment"). PYTHON=... overrides.
@@ -33,4 +33,5 @@ demo: install
 	@echo "Chat with it: $(PYTHON) cli_demo.py --model_path=models/merged   (or: $(PYTHON) gradio_ui.py --model_path=models/merged)"
 
 test: install-dev
+	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest

@@ -117,7 +117,8 @@ def main(
         save_steps: save a checkpoint every N updates.
         save_total_limit: keep at most N checkpoints.
         eval_steps: evaluate every N updates (default: --save_steps) when there is validation data.
-        gradient_checkpointing: recompute activations in the backward pass to save memory: True, False, or auto (on for 4- and 8-bit, which are chosen to save memory; otherwise on only when the activations would not fit in free memory).
+        gradient_checkpointing: recompute activations in the backward pass to save memory: True, False, or auto (on
+            for 4- and 8-bit, which are chosen to save memory; otherwise on only when the activations would not fit).
         packing: pack each batch into one row without padding (same loss, less compute).
         seed: random seed for LoRA init, shuffling and dropout.
         resume_from_checkpoint: a checkpoint folder, or True for the latest one in --output_dir.
@@ -173,7 +174,8 @@ def main(
     elif isinstance(resume_from_checkpoint, str) and checkpoint_problem(resume_from_checkpoint):
         c.add(f"--resume_from_checkpoint: {checkpoint_problem(resume_from_checkpoint)}; pass a checkpoint-N folder finetune.py wrote, or True")
     if not resume_from_checkpoint and overwrite_output_dir is False and dry_run is False and (checkpoints(out) or (out / "adapter_config.json").exists()):
-        c.add(f"{out} already holds a run; pass --resume_from_checkpoint=True to continue it, --overwrite_output_dir=True to replace it, or another --output_dir")
+        c.add(f"{out} already holds a run; pass --resume_from_checkpoint=True to continue it, "
+              f"--overwrite_output_dir=True to replace it, or another --output_dir")
     c.done()
     targets = as_list(lora_target_modules, "lora_target_modules")
     modules_to_save = as_list(modules_to_save, "modules_to_save")
@@ -194,9 +196,11 @@ def main(
     data = tokenized(files, encoder, settings, data_cache, preprocessing_num_workers, max_samples, "data_path")
     val = tokenized(val_files, encoder, settings, data_cache, preprocessing_num_workers, None, "val_data_path") if val_files else None
     if val is not None and not len(val):
-        raise UserError(f"all {val.stats['records']:,} records of --val_data_path were dropped after truncation to --cutoff_len={cutoff_len}; raise --cutoff_len.")
+        raise UserError(f"all {val.stats['records']:,} records of --val_data_path were dropped after truncation to "
+                        f"--cutoff_len={cutoff_len}; raise --cutoff_len.")
     if not len(data):
-        raise UserError(f"all {data.stats['records']:,} records were dropped: nothing to train on remained after truncation to --cutoff_len={cutoff_len}; raise --cutoff_len.")
+        raise UserError(f"all {data.stats['records']:,} records were dropped: nothing to train on remained after "
+                        f"truncation to --cutoff_len={cutoff_len}; raise --cutoff_len.")
     train_index, held = split_validation(len(data), val_set_size, seed)
     train, val = data.subset(train_index), val if val is not None else data.subset(held) if len(held) else None
     say(f"template: {tmpl.name}   stage: {stage}   data: {data_path}   processes: {os.environ.get('WORLD_SIZE', 1)}")

@@ -32,11 +32,15 @@ def main(
     """Merge a LoRA adapter into its base model and write a standalone HF model folder.
 
     Args:
-        lora_model: the adapter (required): a finetune.py output folder, a checkpoint-N folder in it, a folder with an older adapter_model/ subfolder, or any PEFT LoRA adapter folder.
+        lora_model: the adapter (required): a finetune.py output folder, a checkpoint-N folder in it, a folder with an
+            older adapter_model/ subfolder, or any PEFT LoRA adapter folder.
         output_dir: where the merged model goes (required); it must not exist or be empty, unless --overwrite.
         base_model: the base to merge into (a local HF folder, hub id, or builtin:smollm2); default: the base the adapter was trained on.
         dtype: the merged weights' dtype: auto (the base's own), bf16, fp16 or fp32. The merge itself is computed in fp32 and rounded once.
-        qlora_base: QLoRA: merge onto the base's NF4-dequantized weights, which are what a 4-bit-trained adapter learned against, instead of its original weights. Default: on when run_config.json says the adapter was trained in 4 bits. The result then matches the QLoRA model you evaluated; off, it keeps the base's full-precision weights but drifts from what was trained.
+        qlora_base: QLoRA: merge onto the base's NF4-dequantized weights, which are what a 4-bit-trained adapter
+            learned against, instead of its original weights. Default: on when run_config.json says the adapter was
+            trained in 4 bits. The result then matches the QLoRA model you evaluated; off, it keeps the base's
+            full-precision weights but drifts from what was trained.
         overwrite: replace a non-empty --output_dir.
         no_verify: skip the check that loads base + adapter through PEFT and the merged model in fp32 and compares their logits on probe prompts.
         allow_pickle: allow pickled .bin weights (adapter or base), which can run code when loaded; safetensors are used whenever present.
@@ -74,7 +78,8 @@ def main(
               f"(peak RSS with verification {check['peak_rss_bytes'] / gib:.2f} GiB)")
     else:
         print(f"verification ({check['mode']}): max |output difference| {check['max_abs_output_diff']:.3g}")
-    print(f"wrote the merged model ({summary['shards']} shards, {summary['total_bytes'] / gib:.2f} GiB) and merge_info.json to {output_dir} in {time.time() - t0:.0f} s")
+    print(f"wrote the merged model ({summary['shards']} shards, {summary['total_bytes'] / gib:.2f} GiB) and "
+          f"merge_info.json to {output_dir} in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ from utils.templates import load_template
 def runs(tokenizer, example):
     """The example as [(masked?, text), ...] runs, the way the summary shows it."""
     out, ids, labels = [], example["input_ids"], example["labels"]
-    for i, (t, l) in enumerate(zip(ids, labels)):
-        masked = l == IGNORE
+    for i, (t, label) in enumerate(zip(ids, labels)):
+        masked = label == IGNORE
         if out and out[-1][0] == masked:
             out[-1][1].append(t)
         else:

@@ -181,7 +181,8 @@ def test_ceval_val_scores_and_test_writes_a_submission(tiny_model_dir, ceval_dir
 
 @pytest.mark.parametrize("edit, message", [
     (lambda p: p.write_text(",Question,A,B,C,Answer\n0,q,a,b,c,A\n", encoding="utf-8"), r"test/anatomy.csv lacks the column\(s\) d"),
-    (lambda p: p.write_text(",Question,A,B,C,D,Answer\n0,q,a,b,c,d,E\n", encoding="utf-8"), r"anatomy.csv row 2 has the answer 'E', which is not one of A, B, C, D"),
+    (lambda p: p.write_text(",Question,A,B,C,D,Answer\n0,q,a,b,c,d,E\n", encoding="utf-8"), r"anatomy.csv row 2 has the "
+                                                                                            r"answer 'E', which is not one of A, B, C, D"),
     (lambda p: p.write_text(",Question,A,B,C,D,Answer\n", encoding="utf-8"), r"anatomy.csv holds a header but no questions"),
     (lambda p: p.write_text("", encoding="utf-8"), r"anatomy.csv is empty"),
 ])

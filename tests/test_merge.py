@@ -203,7 +203,8 @@ def bad_inputs(tmp_path, tiny_model_dir, smollm2_dir, tokenizer, adapter_dir, bi
     return [
         (dict(lora_model=str(tmp_path / "missing")), "missing is not a folder; pass a finetune.py output folder"),
         (dict(lora_model=str(tmp_path)), "holds no adapter_config.json"),
-        (dict(base_model=str(smollm2_dir)), r"LoRA update for model.layers.0.self_attn.q_proj.weight has shape \[64, 64\] but the base tensor has \[576, 576\]"),
+        (dict(base_model=str(smollm2_dir)), r"LoRA update for model.layers.0.self_attn.q_proj.weight has shape \[64, "
+                                            r"64\] but the base tensor has \[576, 576\]"),
         (dict(lora_model=str(with_tokenizer), base_model=str(small_vocab)), "has 49152 tokens but the merged model.embed_tokens.weight has 1000 rows"),
         (dict(lora_model=str(empty)), "holds no lora_ weights"),
         (dict(dtype="int4"), "--dtype must be one of auto, bf16, fp16, fp32, got 'int4'"),

@@ -189,7 +189,8 @@ def summary(examples, stats, tokenizer):
 
     lengths = examples.lengths()
     lines = [
-        f"records read: {stats['records']:,}, kept: {len(lengths):,}, truncated: {stats['truncated']:,}, dropped (nothing left to train on): {stats['dropped']:,}",
+        f"records read: {stats['records']:,}, kept: {len(lengths):,}, truncated: {stats['truncated']:,}, dropped "
+        f"(nothing left to train on): {stats['dropped']:,}",
         f"tokens per example: min {lengths.min()}, median {int(np.median(lengths))}, p95 {int(np.percentile(lengths, 95, method='lower'))}, "
         f"max {lengths.max()}; total {int(lengths.sum()):,}; supervised tokens: {stats['supervised_tokens']:,}",
         "length histogram (tokens per example, count, share):",
@@ -197,7 +198,7 @@ def summary(examples, stats, tokenizer):
         "example 1 ([-] masked from the loss, [+] trained on):",
     ]
     ex = examples[0]
-    ids, masked = list(ex["input_ids"]), [int(l) == IGNORE for l in ex["labels"]]
+    ids, masked = list(ex["input_ids"]), [int(label) == IGNORE for label in ex["labels"]]
     run_start = 0
     for i in range(1, len(ids) + 1):
         if i == len(ids) or masked[i] != masked[run_start]:
@@ -226,7 +227,7 @@ class Collator:
         ids = [np.asarray(f["input_ids"], dtype=np.int64) for f in features]
         labels = [np.asarray(f["labels"], dtype=np.int64) for f in features]
         if self.packing:
-            row_labels = np.concatenate([np.concatenate([[IGNORE], l[1:]]) for l in labels])
+            row_labels = np.concatenate([np.concatenate([[IGNORE], lab[1:]]) for lab in labels])
             positions = np.concatenate([np.arange(len(i)) for i in ids])
             targets = torch.from_numpy(row_labels[1:])
             return {"input_ids": torch.from_numpy(np.concatenate(ids))[None], "labels": torch.from_numpy(row_labels)[None],
@@ -234,8 +235,8 @@ class Collator:
         width = max(len(i) for i in ids)
         batch = {"input_ids": torch.full((len(ids), width), self.pad_token_id), "labels": torch.full((len(ids), width), IGNORE),
                  "attention_mask": torch.zeros((len(ids), width), dtype=torch.long)}
-        for row, (i, l) in enumerate(zip(ids, labels)):
+        for row, (i, lab) in enumerate(zip(ids, labels)):
             batch["input_ids"][row, :len(i)] = torch.from_numpy(i)
-            batch["labels"][row, :len(l)] = torch.from_numpy(l)
+            batch["labels"][row, :len(lab)] = torch.from_numpy(lab)
             batch["attention_mask"][row, :len(i)] = 1
         return batch

@@ -10,7 +10,6 @@ lm-eval-harness), `acc_bytes` by its length in UTF-8 bytes. Tokens follow lm-eva
 """
 import csv
 import dataclasses
-import json
 from pathlib import Path
 
 import torch

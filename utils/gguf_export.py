@@ -104,7 +104,8 @@ def bpe_pre(tokenizer_json):
         return "smollm"  # GPT-2's split after isolating every digit
     if kinds == ["Split", "ByteLevel"] and "\\p{N}{1,3}" in json.dumps(steps[0]) and not steps[1].get("use_regex", True):
         return "llama-bpe"
-    raise UserError(f"the tokenizer's pre-tokenizer ({' + '.join(map(str, kinds))}) has no known llama.cpp name here; use llama.cpp's convert_hf_to_gguf.py for this model.")
+    raise UserError(f"the tokenizer's pre-tokenizer ({' + '.join(map(str, kinds))}) has no known llama.cpp name here; "
+                    f"use llama.cpp's convert_hf_to_gguf.py for this model.")
 
 
 def tokenizer_vocab(folder, tokenizer, vocab_size):

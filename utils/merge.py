@@ -85,7 +85,8 @@ def load_adapter(folder, allow_pickle):
                 continue
             name = re.sub(r"\.modules_to_save(\.default)?\.", ".", key.removeprefix("base_model.model."))
             if not name.endswith(".weight"):
-                raise UserError(f"{weights} holds {key}, which merge_lora.py cannot merge (only LoRA weights and modules_to_save weights); retrain with bias='none'.")
+                raise UserError(f"{weights} holds {key}, which merge_lora.py cannot merge (only LoRA weights and "
+                                f"modules_to_save weights); retrain with bias='none'.")
             replace[name] = value
             continue
         module, part = match["module"], match["part"]
@@ -115,7 +116,8 @@ def base_shards(base_path, allow_pickle):
     config = json.loads((base / "config.json").read_text(encoding="utf-8"))
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "quantized")
-        raise UserError(f"{base} is a {method} quantized model; merging needs the unquantized base, so pass --base_model=<the original fp16/bf16 model> (add --qlora_base to merge onto its NF4-dequantized weights).")
+        raise UserError(f"{base} is a {method} quantized model; merging needs the unquantized base, so pass "
+                        f"--base_model=<the original fp16/bf16 model> (add --qlora_base to merge onto its NF4-dequantized weights).")
     for index_name, single, pickled in (("model.safetensors.index.json", "model.safetensors", False),
                                         ("pytorch_model.bin.index.json", "pytorch_model.bin", True)):
         if (base / index_name).is_file():
@@ -237,16 +239,19 @@ def plan_merge(shards, modules, replace, base_config, out_dtype):
         else:
             want = (cols, rows)
         if want != shape:
-            raise UserError(f"the adapter's LoRA update for {name} has shape {list(want)} but the base tensor has {list(shape)}; pass the --base_model the adapter was trained on.")
+            raise UserError(f"the adapter's LoRA update for {name} has shape {list(want)} but the base tensor has "
+                            f"{list(shape)}; pass the --base_model the adapter was trained on.")
     for name, value in replace.items():
         if name not in lookup:
             raise UserError(f"the adapter replaces {name} (modules_to_save) but the base has no such tensor; pass the --base_model the adapter was trained on.")
         base_shape = lookup[name][1]
         if value.dim() != len(base_shape) or tuple(value.shape[1:]) != tuple(base_shape[1:]):
-            raise UserError(f"the adapter's {name} has shape {list(value.shape)} but the base's has {list(base_shape)}; pass the --base_model the adapter was trained on.")
+            raise UserError(f"the adapter's {name} has shape {list(value.shape)} but the base's has {list(base_shape)}; "
+                            f"pass the --base_model the adapter was trained on.")
     vocab = {tuple(replace[n].shape)[0] if n in replace else lookup[n][1][0] for n in (EMBED, HEAD) if n in lookup}
     if len(vocab) > 1:
-        raise UserError(f"after merging, {EMBED} and {HEAD} would have different row counts {sorted(vocab)}; save both embed_tokens and lm_head with the adapter (modules_to_save) after resizing.")
+        raise UserError(f"after merging, {EMBED} and {HEAD} would have different row counts {sorted(vocab)}; save both "
+                        f"embed_tokens and lm_head with the adapter (modules_to_save) after resizing.")
     plan = []
     for path, names in shards:
         entries = []
@@ -291,7 +296,8 @@ def check_vocab(tokenizer_dir, vocab_size):
 
     count = len(load_tokenizer(tokenizer_dir, local_files_only=True))
     if count > vocab_size:
-        raise UserError(f"the adapter's tokenizer in {tokenizer_dir} has {count} tokens but the merged {EMBED} has {vocab_size} rows; pass the --base_model the adapter was trained on.")
+        raise UserError(f"the adapter's tokenizer in {tokenizer_dir} has {count} tokens but the merged {EMBED} has "
+                        f"{vocab_size} rows; pass the --base_model the adapter was trained on.")
 
 
 def tokenizer_source(adapter_dir, lora_model, base_path):
@@ -350,7 +356,8 @@ def merge(lora_model, output_dir, base_model=None, dtype=None, overwrite=False, 
     existing = next(p for p in out.parents if p.exists())
     free = shutil.disk_usage(existing).free
     if free < need:
-        raise UserError(f"{out.parent} has {_gib(free):.2f} GiB free but the merged model needs {_gib(need):.2f} GiB; free some space or pass an --output_dir on another disk.")
+        raise UserError(f"{out.parent} has {_gib(free):.2f} GiB free but the merged model needs {_gib(need):.2f} GiB; "
+                        f"free some space or pass an --output_dir on another disk.")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.merging-*"):  # left by a merge that was killed
@@ -379,7 +386,8 @@ def merge(lora_model, output_dir, base_model=None, dtype=None, overwrite=False, 
                 except OSError as e:
                     if e.errno != errno.ENOSPC:
                         raise
-                    raise UserError(f"the disk holding {out.parent} filled up while writing {file_name}; free some space or pass an --output_dir on another disk.") from None
+                    raise UserError(f"the disk holding {out.parent} filled up while writing {file_name}; free some "
+                                    f"space or pass an --output_dir on another disk.") from None
             weight_map.update({name: file_name for name, _, _, _ in entries})
         bar.close()
         (tmp / "model.safetensors.index.json").write_text(json.dumps(

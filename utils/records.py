@@ -244,7 +244,8 @@ def _chat(rec, where):
 def to_dialog(rec, where):
     """Validate one record and turn it into (system, [(user, answer), ...], input of the last turn)."""
     if not isinstance(rec, dict):
-        raise UserError(f'{where} is a {type(rec).__name__}, not a JSON object; each record must look like {{"instruction": ..., "input": ..., "output": ...}}.')
+        raise UserError(f'{where} is a {type(rec).__name__}, not a JSON object; each record must look like '
+                        f'{{"instruction": ..., "input": ..., "output": ...}}.')
     if "messages" in rec or "conversations" in rec:
         return (*_chat(rec, where), "")
     instruction = _string(rec, "instruction", where)

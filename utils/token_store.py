@@ -76,7 +76,8 @@ class TokenStore:
         """Where this store came from, for the summary: the cache, or built now (how long, how many workers)."""
         if self.from_cache:
             return f"from the cache ({self.meta['examples']:,} examples, {self.seconds:.1f} s)"
-        return f"built now from {self.stats['records']:,} records in {self.seconds:.1f} s ({self.meta['workers']} worker process{'es' if self.meta['workers'] > 1 else ''})"
+        workers = self.meta["workers"]
+        return f"built now from {self.stats['records']:,} records in {self.seconds:.1f} s ({workers} worker process{'es' if workers > 1 else ''})"
 
     def lengths(self):
         lengths = np.diff(self.offsets)
