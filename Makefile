@@ -27,7 +27,7 @@ install-dev: install
 
 demo: install
 	$(PYTHON) finetune.py --overwrite_output_dir=True
-	$(PYTHON) merge_lora.py --lora_model=output --output_dir=models/merged --overwrite=True
+	$(PYTHON) merge_lora.py --lora_model=output --output_dir=models/merged --overwrite_output_dir=True
 	$(PYTHON) cli_demo.py --model_path=models/merged --temperature=0 --prompt="who are you?"
 	$(PYTHON) cli_demo.py --model_path=models/merged --temperature=0 --prompt="你是谁？"
 	@echo "Chat with it: $(PYTHON) cli_demo.py --model_path=models/merged   (or: $(PYTHON) gradio_ui.py --model_path=models/merged)"

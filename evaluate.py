@@ -128,7 +128,7 @@ def main(
         output_dir: where the JSON files go; default eval_results/ in the toolkit folder.
         batch_size: questions per forward pass for letter (cloze runs each question's context once, then its four options as one batch).
         max_length: prompt limit in tokens, above which shots are dropped one at a time; default the model's context.
-        precision: auto, bf16, fp16 or fp32 for the weights.
+        precision: auto, bf16, fp16 or fp32 for the weights (also --dtype).
         local_files_only: never download a model from the hub.
         limit: score only the first N questions of each subject (a quick check, not a benchmark figure).
     """
@@ -222,4 +222,4 @@ def main(
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, aliases={"dtype": "precision"})

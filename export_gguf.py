@@ -30,7 +30,8 @@ def main(
     Args:
         model_path: an HF LLaMA folder with safetensors weights (e.g. merge_lora.py's output) or hub id; default the built-in model.
         outtype: f32, f16, bf16 or q8_0 (norms stay f32).
-        output: the .gguf path to write; default models/<folder name>-<outtype>.gguf in the toolkit folder.
+        output: the .gguf path to write, or a folder for <model folder name>-<outtype>.gguf (also --output_dir); default
+            the toolkit's models/ folder.
         modelfile: also write an Ollama Modelfile next to the GGUF file.
         local_files_only: never download a model from the hub.
     """
@@ -44,17 +45,15 @@ def main(
     outtype = str(outtype).lower()
     if outtype not in TYPES:
         c.add(f"--outtype={outtype!r} is not one of {', '.join(TYPES)}; for k-quants run llama.cpp's llama-quantize on the f16 file")
-    if isinstance(output, str):
-        target = Path(output).expanduser()
-        if target.suffix != ".gguf" or target.is_dir():
-            c.add(f"--output={output!r} must be a file path ending in .gguf")
-        elif output_problem(target.parent, "output"):  # an existing .gguf file is replaced; its folder must be writable
-            c.add(output_problem(target.parent, "output"))
+    target = Path(output).expanduser() if isinstance(output, str) else None
+    into_folder = target is not None and (target.is_dir() or target.suffix != ".gguf")  # a folder: the file is named for the model
+    if target is not None and output_problem(target if into_folder else target.parent, "output"):  # an existing .gguf is replaced
+        c.add(output_problem(target if into_folder else target.parent, "output"))
     if model_path and (Path(model_path).expanduser() / "adapter_config.json").is_file():
         c.add(f"{model_path} is a LoRA adapter folder; merge it first (python merge_lora.py --lora_model={model_path}) and export the merged folder")
     c.done()
     folder = Path(download_model_folder(resolve_model_path(model_path or BUILTIN, local_files_only, "model_path")))
-    path = Path(output).expanduser() if output else ROOT / "models" / f"{folder.name}-{outtype}.gguf"
+    path = target if target is not None and not into_folder else (target or ROOT / "models") / f"{folder.name}-{outtype}.gguf"
     path.parent.mkdir(parents=True, exist_ok=True)
     weight_files(folder)
     config, tokenizer = load_config(folder, local_files_only), load_tokenizer(folder, local_files_only)
@@ -72,4 +71,4 @@ def main(
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, aliases={"output_dir": "output"})

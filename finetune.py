@@ -101,10 +101,10 @@ def main(
         lora_dropout: dropout on the LoRA input (0 by default: on a CPU its random masks cost about a fifth of each step).
         lora_target_modules: "auto" (every linear projection in the decoder layers) or names, e.g. q_proj,v_proj.
         modules_to_save: modules trained in full and saved with the adapter, e.g. embed_tokens,lm_head.
-        use_8bit: load the base model in 8 bits (bitsandbytes).
-        use_4bit: QLoRA: load the base model in 4-bit NF4 with double quantization.
+        use_8bit: load the base model in 8 bits (bitsandbytes); older name: --load_8bit.
+        use_4bit: QLoRA: load the base model in 4-bit NF4 with double quantization; older name: --load_4bit.
         bits: 4, 8 or 16; the same as --use_4bit / --use_8bit.
-        precision: auto (bf16 where the device is fast at it, else fp16 on GPU, fp32 on CPU), bf16, fp16 or fp32.
+        precision: auto (bf16 where the device is fast at it, else fp16 on GPU, fp32 on CPU), bf16, fp16 or fp32 (also --dtype).
         per_device_train_batch_size: examples per device per step.
         gradient_accumulation_steps: steps accumulated per optimizer update.
         num_epochs: passes over the training data.
@@ -122,7 +122,7 @@ def main(
         packing: pack each batch into one row without padding (same loss, less compute).
         seed: random seed for LoRA init, shuffling and dropout.
         resume_from_checkpoint: a checkpoint folder, or True for the latest one in --output_dir.
-        overwrite_output_dir: allow writing into an --output_dir that holds an earlier run.
+        overwrite_output_dir: allow writing into an --output_dir that holds an earlier run (also --overwrite).
     """
     # --- check the arguments, all at once ---------------------------------------------------------
     c = Checks()
@@ -301,4 +301,4 @@ def main(
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, aliases={"load_8bit": "use_8bit", "load_4bit": "use_4bit", "dtype": "precision", "overwrite": "overwrite_output_dir"})

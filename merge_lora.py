@@ -1,7 +1,7 @@
 """Merge a LoRA adapter into its base model, shard by shard, and check that the result answers as base + adapter does.
 
     python merge_lora.py --lora_model=output/ --output_dir=models/merged
-    python merge_lora.py --lora_model=output/checkpoint-200 --output_dir=models/merged --dtype=bf16
+    python merge_lora.py --lora_model=output/checkpoint-200 --output_dir=models/merged --precision=bf16
     python merge_lora.py --lora_model=Chinese-Vicuna-lora-7b --base_model=path/to/llama-7b \\
         --output_dir=models/vicuna-7b --allow_pickle          # a third-party adapter with .bin weights
     python merge_lora.py --lora_model=output/ --output_dir=models/merged --qlora_base=False   # see --qlora_base
@@ -23,9 +23,9 @@ def main(
     lora_model: str = None,
     output_dir: str = None,
     base_model: str = None,
-    dtype: str = "auto",
+    precision: str = "auto",
     qlora_base: bool = None,
-    overwrite: bool = False,
+    overwrite_output_dir: bool = False,
     no_verify: bool = False,
     allow_pickle: bool = False,
 ):
@@ -34,31 +34,33 @@ def main(
     Args:
         lora_model: the adapter (required): a finetune.py output folder, a checkpoint-N folder in it, a folder with an
             older adapter_model/ subfolder, or any PEFT LoRA adapter folder.
-        output_dir: where the merged model goes (required); it must not exist or be empty, unless --overwrite.
+        output_dir: where the merged model goes (required); it must not exist or be empty, unless --overwrite_output_dir.
         base_model: the base to merge into (a local HF folder, hub id, or builtin:smollm2); default: the base the adapter was trained on.
-        dtype: the merged weights' dtype: auto (the base's own), bf16, fp16 or fp32. The merge itself is computed in fp32 and rounded once.
+        precision: the merged weights' dtype: auto (the base's own), bf16, fp16 or fp32 (older name: --dtype). The merge
+            itself is computed in fp32 and rounded once.
         qlora_base: QLoRA: merge onto the base's NF4-dequantized weights, which are what a 4-bit-trained adapter
             learned against, instead of its original weights. Default: on when run_config.json says the adapter was
             trained in 4 bits. The result then matches the QLoRA model you evaluated; off, it keeps the base's
             full-precision weights but drifts from what was trained.
-        overwrite: replace a non-empty --output_dir.
+        overwrite_output_dir: replace a non-empty --output_dir (older name: --overwrite).
         no_verify: skip the check that loads base + adapter through PEFT and the merged model in fp32 and compares their logits on probe prompts.
         allow_pickle: allow pickled .bin weights (adapter or base), which can run code when loaded; safetensors are used whenever present.
     """
     c = Checks()
     lora_model, output_dir = c.text("lora_model", lora_model, True, "output/"), c.text("output_dir", output_dir, True, "models/merged")
-    base_model, dtype = c.text("base_model", base_model), c.choice("dtype", dtype, ("auto", "bf16", "fp16", "fp32"))
+    base_model, precision = c.text("base_model", base_model), c.choice("precision", precision, ("auto", "bf16", "fp16", "fp32"))
     qlora_base = None if qlora_base is None else c.boolean("qlora_base", qlora_base)
-    overwrite, no_verify, allow_pickle = c.boolean("overwrite", overwrite), c.boolean("no_verify", no_verify), c.boolean("allow_pickle", allow_pickle)
+    overwrite, no_verify = c.boolean("overwrite_output_dir", overwrite_output_dir), c.boolean("no_verify", no_verify)
+    allow_pickle = c.boolean("allow_pickle", allow_pickle)
     if isinstance(output_dir, str) and output_problem(output_dir, "output_dir"):
         c.add(output_problem(output_dir, "output_dir"))
     c.done()
 
     from utils.merge import merge, parse_dtype
 
-    out_dtype = parse_dtype(dtype)
+    out_dtype = parse_dtype(precision)
     t0 = time.time()
-    print(f"merging {lora_model} into {base_model or 'the base it was trained on'} -> {output_dir} (dtype: {dtype})", flush=True)
+    print(f"merging {lora_model} into {base_model or 'the base it was trained on'} -> {output_dir} (precision: {precision})", flush=True)
     summary = merge(lora_model, output_dir, base_model=base_model, dtype=out_dtype, overwrite=overwrite,
                     allow_pickle=allow_pickle, qlora_base=qlora_base, verify=not no_verify)
     gib = 2**30
@@ -83,4 +85,4 @@ def main(
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, aliases={"dtype": "precision", "overwrite": "overwrite_output_dir"})

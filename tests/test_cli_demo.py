@@ -26,8 +26,8 @@ def one_thread():
 
 
 def test_flag_errors_are_one_line_user_errors(tiny_model_dir):
-    with pytest.raises(UserError, match="--load_8bit and --load_4bit exclude each other"):
-        cli_demo.main(model_path=str(tiny_model_dir), load_8bit=True, load_4bit=True, prompt="hi")
+    with pytest.raises(UserError, match="--use_8bit and --use_4bit exclude each other"):
+        cli_demo.main(model_path=str(tiny_model_dir), use_8bit=True, use_4bit=True, prompt="hi")
     with pytest.raises(UserError, match="disagree; pass only one"):
         cli_demo.main(model_path=str(tiny_model_dir), template="alpaca", input_pattern="prompt", prompt="hi")
     with pytest.raises(UserError, match="--temperature must be a number"):
@@ -46,7 +46,7 @@ def test_one_shot_from_prompt_and_from_piped_stdin(tiny_model_dir, capsys):
     assert piped.stdout == in_process and in_process.strip()
     bad = subprocess.run([sys.executable, str(ROOT / "cli_demo.py"), *flags, "--load_4bit", "--load_8bit"],
                          input="hi", capture_output=True, text=True, timeout=120, env={**os.environ, **ENV})
-    assert bad.returncode == 2 and bad.stderr.startswith("error: --load_8bit and --load_4bit") and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --use_8bit and --use_4bit") and "Traceback" not in bad.stderr
 
 
 # One thread: these models are small, and on a shared CPU extra threads only wait for each other.

@@ -10,7 +10,7 @@ from conftest import ROOT
 from utils.errors import UserError
 from utils.flags import Checks, unknown_flags
 
-TYPOS = {"finetune.py": ("output_dri", "output_dir"), "merge_lora.py": ("dtpye", "dtype"), "cli_demo.py": ("model_pth", "model_path"),
+TYPOS = {"finetune.py": ("output_dri", "output_dir"), "merge_lora.py": ("dtpye", "precision"), "cli_demo.py": ("model_pth", "model_path"),
          "gradio_ui.py": ("server_prot", "server_port"), "evaluate.py": ("data_dri", "data_dir"), "export_gguf.py": ("outtpye", "outtype")}
 
 
@@ -142,3 +142,27 @@ def test_messages_name_the_flags_of_their_script(tmp_path):
     (tmp_path / "test").mkdir()
     with pytest.raises(UserError, match=r"few-shot prompts take their examples from dev/ \(--data_dir has: test\); add it, or pass --few_shot=0"):
         subject_files(tmp_path, "dev")
+
+
+def test_older_flag_names_are_read_as_the_current_ones():
+    from utils.flags import renamed
+
+    aliases = {"dtype": "precision", "overwrite": "overwrite_output_dir", "load_4bit": "use_4bit"}
+    argv, problems = renamed(["--dtype=bf16", "--overwrite", "--noload_4bit", "pos", "--", "--dtype"], aliases)
+    assert argv == ["--precision=bf16", "--overwrite_output_dir", "--nouse_4bit", "pos", "--", "--dtype"] and problems == []
+    assert renamed(["--precision=fp32", "--dtype=bf16"], aliases)[1] == ["pass either --precision or its older name --dtype, not both"]
+    assert renamed(["--dtype=bf16", "--precision=fp32"], aliases)[1] == ["pass either --precision or its older name --dtype, not both"]
+
+
+@pytest.mark.parametrize("script,flags", [("finetune.py", ["--dry_run", "--load_4bit", "--dtype=fp32", "--overwrite=True"]),
+                                          ("merge_lora.py", ["--dtype=int4", "--overwrite"]),
+                                          ("cli_demo.py", ["--load_8bit", "--load_4bit"])])
+def test_older_names_work_on_the_command_line(script, flags, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / script), *flags, f"--data_path={ROOT / 'data' / 'demo.json'}"] if script == "finetune.py"
+                          else [sys.executable, str(ROOT / script), *flags], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    if script == "finetune.py":
+        assert proc.returncode == 0 and "dry run: data is valid" in proc.stdout, proc.stderr[-2000:]
+    elif script == "merge_lora.py":  # read as --precision and --overwrite_output_dir: the error names the current flag
+        assert proc.returncode == 2 and "--precision must be one of auto, bf16, fp16, fp32, got 'int4'" in proc.stderr
+    else:
+        assert proc.returncode == 2 and "--use_8bit and --use_4bit exclude each other" in proc.stderr

@@ -134,7 +134,7 @@ def test_merged_logits_equal_peft(case, tmp_path, tiny_model_dir, tied_dir, shar
 def test_output_files_provenance_and_verification(tmp_path, tiny_model_dir, capsys):
     adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", target_modules=ALL)
     out = tmp_path / "merged"
-    merge_lora.main(lora_model=str(adapter), output_dir=str(out), dtype="bf16")
+    merge_lora.main(lora_model=str(adapter), output_dir=str(out), precision="bf16")
     assert sorted(p.name for p in out.iterdir()) == sorted([
         "chat_template.jinja", "config.json", "generation_config.json", "merge_info.json", "model-00001-of-00001.safetensors",
         "model.safetensors.index.json", "run_config.json", "tokenizer.json", "tokenizer_config.json"])
@@ -207,13 +207,13 @@ def bad_inputs(tmp_path, tiny_model_dir, smollm2_dir, tokenizer, adapter_dir, bi
                                             r"64\] but the base tensor has \[576, 576\]"),
         (dict(lora_model=str(with_tokenizer), base_model=str(small_vocab)), "has 49152 tokens but the merged model.embed_tokens.weight has 1000 rows"),
         (dict(lora_model=str(empty)), "holds no lora_ weights"),
-        (dict(dtype="int4"), "--dtype must be one of auto, bf16, fp16, fp32, got 'int4'"),
+        (dict(precision="int4"), "--precision must be one of auto, bf16, fp16, fp32, got 'int4'"),
         (dict(no_verify="maybe"), "--no_verify must be True or False, got 'maybe'"),
         (dict(base_model=str(quantized)), "is a bitsandbytes quantized model; merging needs the unquantized base"),
         (dict(lora_model=str(pickled)), "is a pickle file.*pass --allow_pickle"),
         (dict(base_model=str(bin_dir)), "holds its weights in pickled .bin files.*pass --allow_pickle"),
-        (dict(output_dir=str(full)), "already exists and is not empty; pass --overwrite=True"),
-        (dict(output_dir=str(adapter_dir), overwrite=True), "would replace --lora_model"),
+        (dict(output_dir=str(full)), "already exists and is not empty; pass --overwrite_output_dir=True"),
+        (dict(output_dir=str(adapter_dir), overwrite_output_dir=True), "would replace --lora_model"),
         (dict(output_dir=None), "--output_dir is required"),
     ]
 
@@ -247,7 +247,7 @@ def test_every_flag_is_documented():
     import inspect
 
     params = inspect.signature(merge_lora.main).parameters
-    assert {"lora_model", "output_dir", "base_model", "dtype", "overwrite", "no_verify", "allow_pickle", "qlora_base"} <= set(params)
+    assert {"lora_model", "output_dir", "base_model", "precision", "overwrite_output_dir", "no_verify", "allow_pickle", "qlora_base"} <= set(params)
     assert all(f"        {name}: " in merge_lora.main.__doc__ for name in params)
 
 

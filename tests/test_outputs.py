@@ -48,13 +48,15 @@ def test_export_on_a_full_disk_leaves_no_partial_gguf(tmp_path, monkeypatch, tin
 
 
 @pytest.mark.parametrize("flags,message", [
-    (dict(output="model.bin"), r"--output='model.bin' must be a file path ending in .gguf"),
+    (dict(output="FILE"), r"--output=.*FILE is a file, not a folder"),
     (dict(outtype="q4_k_m"), r"--outtype='q4_k_m' is not one of"),
     (dict(modelfile="maybe"), r"--modelfile must be True or False"),
 ])
 def test_export_flags_are_checked_first(tmp_path, flags, message):
     import export_gguf
 
+    (tmp_path / "FILE").write_text("x")
+    flags = {k: str(tmp_path / v) if v == "FILE" else v for k, v in flags.items()}
     with pytest.raises(UserError, match=message):
         export_gguf.main(model_path=str(tmp_path / "missing"), **flags)
 

@@ -9,16 +9,19 @@ class UserError(Exception):
     """Bad input from the user: one sentence saying what is wrong, where, and what to do instead."""
 
 
-def run_cli(main):
-    """fire.Fire(main), except that a flag main does not take is refused before main runs (fire would report
-    it only after main returned), and a UserError prints one line and exits with status 2."""
-    from utils.flags import unknown_flags
+def run_cli(main, aliases=None):
+    """fire.Fire(main), except that older flag names (`aliases`: old -> current) are read as the current ones,
+    a flag main does not take is refused before main runs (fire would report it only after main returned),
+    and a UserError prints one line and exits with status 2."""
+    from utils.flags import renamed, unknown_flags
 
     quiet_dependency_notices()
     try:
-        unknown = unknown_flags(main, sys.argv[1:])
-        if unknown:
-            raise UserError("; ".join(unknown) + "; run with --help for every flag.")
+        argv, problems = renamed(sys.argv[1:], aliases or {})
+        problems += unknown_flags(main, argv, aliases)
+        if problems:
+            raise UserError("; ".join(problems) + "; run with --help for every flag.")
+        sys.argv[1:] = argv
         fire.Fire(main)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -13,8 +13,10 @@ from utils.errors import UserError
 FIRE_FLAGS = {"help", "h"}  # fire's own, also accepted before its "--" separator
 
 
-def unknown_flags(main, argv, aliases=()):
-    """Names of --flags in argv that main does not take, each with a suggestion; fire would run main first."""
+def unknown_flags(main, argv, aliases=None):
+    """Names of --flags in argv that main does not take, each with a suggestion (an older name suggests the
+    current one); fire would run main first."""
+    aliases = aliases or {}
     names = set(inspect.signature(main).parameters) | set(aliases)
     problems = []
     for arg in argv:
@@ -26,8 +28,30 @@ def unknown_flags(main, argv, aliases=()):
         if name in names or name in FIRE_FLAGS or (name.startswith("no") and name[2:] in names):
             continue  # fire reads --noflag as --flag=False
         close = difflib.get_close_matches(name, sorted(names), n=1, cutoff=0.7)
-        problems.append(f"--{name} is not a flag of this script" + (f" (did you mean --{close[0]}?)" if close else ""))
+        problems.append(f"--{name} is not a flag of this script" + (f" (did you mean --{aliases.get(close[0], close[0])}?)" if close else ""))
     return problems
+
+
+def renamed(argv, aliases):
+    """argv with older flag names (`aliases`: old -> current) written as the current ones, and the problems of
+    a flag given under both names."""
+    out, seen, problems = [], {}, []
+    for arg in argv:
+        if arg == "--":
+            out += argv[len(out):]
+            break
+        name, sep, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        negated = name.startswith("no") and name[2:] in aliases
+        old = name[2:] if negated else name
+        if old in aliases:
+            arg = f"--{'no' if negated else ''}{aliases[old]}{sep}{value}"
+        current = aliases.get(old, old)
+        if current and current in seen and seen[current] != old:
+            problems.append(f"pass either --{current} or its older name --{old if old != current else seen[current]}, not both")
+        if current:
+            seen.setdefault(current, old)
+        out.append(arg)
+    return out, problems
 
 
 class Checks:

@@ -25,13 +25,13 @@ DEFAULTS = {"max_new_tokens": 512, "temperature": 0.7, "top_p": 0.9, "top_k": 40
 END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>", "</s>")
 
 
-def chat_model_flags(c, model_path, lora_model, base_model, template, input_pattern, num_gpus, load_8bit, load_4bit,
+def chat_model_flags(c, model_path, lora_model, base_model, template, input_pattern, num_gpus, use_8bit, use_4bit,
                      precision, local_files_only, max_context):
     """Check the model-choosing flags both chat stages take into `c` (a utils.flags.Checks); returns
     (load_for_inference kwargs, max_context)."""
-    load_8bit, load_4bit = c.boolean("load_8bit", load_8bit), c.boolean("load_4bit", load_4bit)
-    if load_8bit is True and load_4bit is True:
-        c.add("--load_8bit and --load_4bit exclude each other; pass only one")
+    use_8bit, use_4bit = c.boolean("use_8bit", use_8bit), c.boolean("use_4bit", use_4bit)
+    if use_8bit is True and use_4bit is True:
+        c.add("--use_8bit and --use_4bit exclude each other; pass only one")
     model_path, lora_model, base_model = c.text("model_path", model_path), c.text("lora_model", lora_model), c.text("base_model", base_model)
     if model_path and lora_model:
         c.add("--model_path and --lora_model exclude each other; pass a merged folder or an adapter folder")
@@ -41,7 +41,7 @@ def chat_model_flags(c, model_path, lora_model, base_model, template, input_patt
     except UserError as e:
         c.add(str(e).rstrip("."))
     load = dict(model_path=model_path, lora_model=lora_model, base_model=base_model, template=template,
-                bits=8 if load_8bit is True else 4 if load_4bit is True else 16, num_gpus=num_gpus,
+                bits=8 if use_8bit is True else 4 if use_4bit is True else 16, num_gpus=num_gpus,
                 precision=c.choice("precision", precision, ("auto", "bf16", "fp16", "fp32")),
                 local_files_only=c.boolean("local_files_only", local_files_only))
     return load, max_context

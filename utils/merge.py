@@ -42,7 +42,7 @@ def parse_dtype(name):
     if name in (None, "auto"):
         return None
     if name not in DTYPES:
-        raise UserError(f"--dtype={name!r} is not one of auto, bf16, fp16, fp32.")
+        raise UserError(f"--precision={name!r} is not one of auto, bf16, fp16, fp32.")
     return DTYPES[name]
 
 
@@ -335,7 +335,7 @@ def merge(lora_model, output_dir, base_model=None, dtype=None, overwrite=False, 
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir={out} is a file; pass a folder path.")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out} already exists and is not empty; pass --overwrite=True to replace it, or another --output_dir.")
+        raise UserError(f"{out} already exists and is not empty; pass --overwrite_output_dir=True to replace it, or another --output_dir.")
     if qlora_base is None:
         qlora_base = run_config.get("bits") == 4
     qlora = DTYPES.get(run_config.get("dtype"), torch.float32) if qlora_base else None
