@@ -233,7 +233,7 @@ def main(
         return_freed_memory()
     model.config.use_cache = False  # a cache would also disable packed-sequence attention
     # A quantized base needs no more preparation than a 16-bit one: peft's prepare_model_for_kbit_training
-    # would copy the embeddings, norms and lm_head to fp32 (0.8 GB more for a 1B model), and autocast
+    # would copy the embeddings, norms and lm_head to fp32 (bench/RESULTS.md), and autocast
     # already computes in the half type. Whatever trains is fp32 (LoRA weights, modules_to_save copies).
     targets = find_target_modules(model) if targets in ([], ["auto"]) else targets
     model = get_peft_model(model, lora_config(model, lora_r, lora_alpha, lora_dropout, targets, modules_to_save))

@@ -43,6 +43,24 @@ def test_quantized_load_keeps_vocabulary_tables_mapped_and_changes_no_logit(tiny
         assert torch.equal(ours(ids).logits, plain(ids).logits)
 
 
+def test_quantized_read_goes_through_transformers_safe_open(tiny_model_dir, capsys):
+    """The memory-saving read replaces transformers' modeling_utils.safe_open while a quantized model loads. It
+    must see every shard opened (the library behaviour it relies on), and say so when it no longer does."""
+    import transformers.modeling_utils as modeling_utils
+
+    from utils.model import _loading_to_quantize, load_model
+
+    with _loading_to_quantize(None) as opened:
+        load_model(tiny_model_dir, torch.float32, 4)
+    assert [Path(p).name for p in opened][:1] == ["model.safetensors"] and "did not apply" not in capsys.readouterr().err
+    with _loading_to_quantize(None):  # a load that opens no shard through it, as after a change in transformers
+        pass
+    assert "the memory-saving read of quantized shards did not apply" in capsys.readouterr().err
+    import safetensors
+
+    assert modeling_utils.safe_open is safetensors.safe_open  # and the original is back
+
+
 @glibc_only
 def test_freed_memory_is_kept_under_glibc():
     from utils.memory import reuse_freed_memory

@@ -8,8 +8,8 @@ resident. Two phases want opposite things from it:
 - training a 16-bit base frees and reallocates the same activations every step: that memory should be
   kept, not page-faulted and zeroed anew (`reuse_freed_memory`). A 4/8-bit base is chosen to save memory,
   and it dequantizes every weight into a fresh temporary at every use: a heap that kept those grew by
-  about one MLP weight per layer (1.46 -> 1.89 GB on a 1.1B model), so quantized runs keep returning it,
-  at the price of page faults (a QLoRA step on 2 cores: 7.5 s with the heap, 12.5 s without).
+  about one MLP weight per layer, so quantized runs keep returning it, at the price of page faults
+  (figures in bench/RESULTS.md, QLoRA memory).
 Every function is a no-op where there is no glibc or no /proc.
 """
 import contextlib
@@ -63,9 +63,9 @@ def return_freed_memory():
 
     A fixed threshold also stops glibc from raising it after the first large free, which is what had
     large temporaries land in the heap and stay resident. glibc cannot go back to its dynamic threshold,
-    so this holds until reuse_freed_memory (or this process ends). Below 1 MB, a QLoRA step's smaller
-    activations (the key/value projections, the LoRA states) still fragmented the heap: on a 1.1B model,
-    256 kB took the NF4 peak from 1.63 to 1.58 GB, at 15% of its speed on a CPU (56 -> 47 tokens/s).
+    so this holds until reuse_freed_memory (or this process ends). At 1 MB, a QLoRA step's smaller
+    activations (the key/value projections, the LoRA states) still fragmented the heap; 256 kB lowered the
+    NF4 peak at some cost in speed (bench/RESULTS.md).
     """
     libc = _libc()
     return libc is not None and libc.mallopt(M_MMAP_THRESHOLD, 256 << 10) == 1
@@ -75,8 +75,8 @@ def return_freed_memory():
 def returning_freed_memory():
     """return_freed_memory, and a trimmed heap on leaving: for loading a model that is quantized as it loads.
 
-    Quantizing a 1.1B model while it loads held 0.4 GB of freed 16-bit copies in the heap (1.79 GB of
-    RSS after loading); with the threshold fixed and the heap trimmed it holds none (1.28 GB).
+    Otherwise the heap keeps the freed 16-bit copy of every weight quantized while the model loads; with
+    the threshold fixed and the heap trimmed it keeps none (bench/RESULTS.md).
     """
     return_freed_memory()
     try:
@@ -90,9 +90,9 @@ def returning_freed_memory():
 def reuse_freed_memory():
     """Have glibc keep the memory torch frees for the next step instead of handing it back to the OS.
 
-    Each training step had page-faulted (and the kernel zeroed) gigabytes of activations anew: on the
-    2-core test machine that was a third of the wall time (26.6 s of system time in an 84 s run). With
-    mmap off and trimming raised, the heap is reused: 206 -> 231 tokens/s. Call it after loading a 16-bit base.
+    Each training step had page-faulted (and the kernel zeroed) gigabytes of activations anew, a large
+    share of a CPU step's time; with mmap off and trimming raised, the heap is reused (bench/RESULTS.md).
+    Call it after loading a 16-bit base.
     """
     libc = _libc()
     if libc is None:

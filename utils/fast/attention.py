@@ -17,10 +17,9 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
     """Causal attention per packed example when position_ids mark several in one row; plain sdpa otherwise.
 
     The row is split into its examples (split's backward is one concatenation, where slicing adds a
-    zero-filled full-row gradient per example). On a CPU in bf16, `causal_attention` below runs each example
-    (0.65x the time of PyTorch's CPU flash kernel, forward and backward, for 8 alpaca examples on the
-    built-in model). Elsewhere it is PyTorch's SDPA, in fp32 on a CPU, where its flash kernel is faster than
-    in bf16 or fp16.
+    zero-filled full-row gradient per example). On a CPU in bf16, `causal_attention` below runs each example,
+    faster there than PyTorch's CPU flash kernel (bench/RESULTS.md). Elsewhere it is PyTorch's SDPA, in fp32
+    on a CPU, where its flash kernel is faster than in bf16 or fp16.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

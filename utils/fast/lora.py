@@ -16,8 +16,7 @@ def fast_lora(model):
     Over a plain nn.Linear base (frozen, no DoRA, one active adapter, no dropout while training), the layer
     runs `_LoraLinear`: the LoRA product accumulates into the base matmul's output, and in the backward into
     the input gradient's, instead of PEFT's separate scale, add and their backward passes over the whole
-    activation. For one 576 x 1536 projection of 1900 tokens in bf16, forward and backward take 5.0 ms
-    against PEFT's 10.8 ms (the bare frozen matmul: 3.1 ms). Any other layer (a 4/8-bit base, dropout,
+    activation: about half of PEFT's time (bench/RESULTS.md). Any other layer (a 4/8-bit base, dropout,
     several adapters, a bias on lora_B) keeps PEFT's forward, but without its fp32 copy of every input under
     autocast. Returns how many layers were fused.
     """

@@ -60,11 +60,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of hidden @ weight^T against targets, without the (tokens x vocabulary) logits.
 
     The logits exist one block of rows at a time, BLOCK values each, in a workspace that a training run
-    keeps from call to call (80 MB for BLOCK = 2^23; a memory-first run lets it go). A full-batch
-    cross-entropy allocates about 1.3 GB of fp32 logits, log-probabilities and their gradients at every
-    step; blocks allocated anew still page-fault (glibc's
-    aligned allocations rarely reuse a freed block of the same size): 0.30 s per 1000 supervised tokens
-    of the built-in model inside a training step here, 0.19 s with the workspace. The logits' gradient,
+    keeps from call to call (BLOCK values of fp32; a memory-first run lets it go). A full-batch
+    cross-entropy allocates fp32 logits, log-probabilities and their gradients for every supervised token
+    at every step; blocks allocated anew still page-fault, since glibc's aligned allocations rarely reuse a
+    freed block of the same size (figures in bench/RESULTS.md). The logits' gradient,
     softmax minus one-hot, turns into the hidden states' gradient while its block exists, in the forward;
     the backward only scales it. The matmuls run in the head's dtype, or autocast's (as lm_head would),
     the softmax in fp32.
