@@ -44,7 +44,7 @@ def answer(ask, query, history, stream_output):
 
 def main(model_path: str = None, lora_model: str = None, base_model: str = None, template: str = "auto",
          input_pattern: str = None, num_gpus: int = 1, use_8bit: bool = False, use_4bit: bool = False,
-         precision: str = "auto", local_files_only: bool = False,
+         precision: str = "auto", local_files_only: bool = False, trust_remote_code: bool = None,
          # conversation
          prompt: str = None, system: str = "", no_stream: bool = False, seed: int = None,
          # generation
@@ -67,6 +67,7 @@ def main(model_path: str = None, lora_model: str = None, base_model: str = None,
         use_4bit: Load the base model quantized to 4 bits (NF4); older name: --load_4bit.
         precision: auto, bf16, fp16 or fp32 for the model weights (also --dtype).
         local_files_only: Never contact the model hub.
+        trust_remote_code: Run the Python code the model ships; default: what training recorded in run_config.json.
         prompt: Ask this one question, print the answer and exit. Stdin that is not a terminal does the same.
         system: A system prompt (the template's default when empty).
         no_stream: Print each answer whole instead of token by token.
@@ -85,7 +86,8 @@ def main(model_path: str = None, lora_model: str = None, base_model: str = None,
 
     c = Checks()
     load, max_context = generation.chat_model_flags(c, model_path, lora_model, base_model, template, input_pattern, num_gpus,
-                                                    use_8bit, use_4bit, precision, local_files_only, max_context)
+                                                    use_8bit, use_4bit, precision, local_files_only, max_context,
+                                                    trust_remote_code)
     no_stream, seed, system = c.boolean("no_stream", no_stream), c.integer("seed", seed, 0, none=True), c.text("system", system) or ""
     settings = generation.check_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty,
                                          no_repeat_ngram_size, do_sample, checks=c)

@@ -113,6 +113,7 @@ def main(
     precision: str = "auto",
     local_files_only: bool = False,
     limit: int = None,
+    trust_remote_code: bool = None,
 ):
     """Score a model on C-Eval or CMMLU and write the results.
 
@@ -131,6 +132,7 @@ def main(
         precision: auto, bf16, fp16 or fp32 for the weights (also --dtype).
         local_files_only: never download a model from the hub.
         limit: score only the first N questions of each subject (a quick check, not a benchmark figure).
+        trust_remote_code: run the Python code the model ships; default: what training recorded in run_config.json.
     """
     c = Checks()
     model_path, lora_model, base_model = c.text("model_path", model_path), c.text("lora_model", lora_model), c.text("base_model", base_model)
@@ -139,6 +141,7 @@ def main(
     few_shot, batch_size = c.integer("few_shot", few_shot, 0), c.integer("batch_size", batch_size, 1)
     max_length, limit = c.integer("max_length", max_length, 16, none=True), c.integer("limit", limit, 1, none=True)
     local_files_only = c.boolean("local_files_only", local_files_only)
+    trust_remote_code = None if trust_remote_code is None else c.boolean("trust_remote_code", trust_remote_code)
     if isinstance(data_dir, str) and not Path(data_dir).expanduser().is_dir():
         c.add(f"--data_dir={data_dir} is not a folder; pass an unpacked C-Eval or CMMLU folder (with dev/ and test/)")
     if not isinstance(output_dir, bool) and output_problem(output_dir or ROOT / "eval_results", "output_dir"):
@@ -172,7 +175,8 @@ def main(
     from utils.model import load_for_inference
     from utils.memory import reuse_freed_memory
 
-    model, tokenizer, _, _ = load_for_inference(model_path, lora_model, base_model, precision=precision, local_files_only=local_files_only)
+    model, tokenizer, _, _ = load_for_inference(model_path, lora_model, base_model, precision=precision, local_files_only=local_files_only,
+                                               trust_remote_code=trust_remote_code)
     reuse_freed_memory()  # scoring allocates large logits per batch: keep that memory instead of page-faulting it anew
     max_length = int(max_length or getattr(model.config, "max_position_embeddings", 2048))
     name = lora_model or model_path or "builtin:smollm2"

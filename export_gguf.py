@@ -24,6 +24,7 @@ def main(
     output: str = None,
     modelfile: bool = False,
     local_files_only: bool = False,
+    trust_remote_code: bool = False,
 ):
     """Write one GGUF file from an HF LLaMA folder.
 
@@ -34,14 +35,16 @@ def main(
             the toolkit's models/ folder.
         modelfile: also write an Ollama Modelfile next to the GGUF file.
         local_files_only: never download a model from the hub.
+        trust_remote_code: run the Python code the model ships (to read its config and tokenizer).
     """
     from utils.gguf_export import TYPES, modelfile as ollama_modelfile, weight_files, write_gguf
-    from utils.model import download_model_folder, load_config, load_tokenizer, resolve_model_path
+    from utils.model import check_remote_code, download_model_folder, load_config, load_tokenizer, resolve_model_path
     from utils.run_folder import BUILTIN
 
     c = Checks()
     model_path, output = c.text("model_path", model_path), c.text("output", output)
     modelfile, local_files_only = c.boolean("modelfile", modelfile), c.boolean("local_files_only", local_files_only)
+    trust_remote_code = c.boolean("trust_remote_code", trust_remote_code)
     outtype = str(outtype).lower()
     if outtype not in TYPES:
         c.add(f"--outtype={outtype!r} is not one of {', '.join(TYPES)}; for k-quants run llama.cpp's llama-quantize on the f16 file")
@@ -56,7 +59,8 @@ def main(
     path = target if target is not None and not into_folder else (target or ROOT / "models") / f"{folder.name}-{outtype}.gguf"
     path.parent.mkdir(parents=True, exist_ok=True)
     weight_files(folder)
-    config, tokenizer = load_config(folder, local_files_only), load_tokenizer(folder, local_files_only)
+    check_remote_code(folder, trust_remote_code)
+    config, tokenizer = load_config(folder, local_files_only, trust_remote_code), load_tokenizer(folder, local_files_only, trust_remote_code)
     print(f"Exporting {folder} to {path} ({outtype})")
     start = time.perf_counter()
     with atomic_path(path, "output") as tmp:  # a failed or interrupted export leaves no partial .gguf

@@ -22,7 +22,7 @@ from utils.files import output_problem
 from utils.flags import Checks
 from utils.records import PT_SUFFIXES, SFT_SUFFIXES, data_files
 from utils.run_folder import BUILTIN, checkpoint_problem, checkpoints, cleaned_up_on_write_errors, latest_complete, plot_loss, staged, write_run_config
-from utils.model import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
+from utils.model import check_remote_code, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
 from utils.token_store import tokenized
 
 DEMO_DATA = Path(__file__).resolve().parent / "data" / "demo.json"
@@ -34,6 +34,7 @@ def main(
     # model
     base_model: str = BUILTIN,
     local_files_only: bool = False,
+    trust_remote_code: bool = False,
     # data
     data_path: str = str(DEMO_DATA),
     output_dir: str = "output",
@@ -83,6 +84,7 @@ def main(
     Args:
         base_model: hub id, local HF model folder, or "builtin:smollm2" (the built-in SmolLM2-135M-Instruct).
         local_files_only: never contact the model hub.
+        trust_remote_code: run the Python code a model ships (Baichuan, InternLM, ...); off by default, and recorded for later stages.
         data_path: JSON list, JSONL file, folder or glob pattern of them (see data/README.md), or several joined by commas; .txt too with --stage pt.
         output_dir: where the adapter, tokenizer, run_config.json, loss.png and checkpoints go.
         stage: "sft" for instruction tuning, "pt" for continued pretraining on raw text.
@@ -129,9 +131,10 @@ def main(
     base_model, output_dir, template = c.text("base_model", base_model, True), c.text("output_dir", output_dir, True), c.text("template", template)
     data_path = data_path if isinstance(data_path, (list, tuple)) else c.text("data_path", data_path, True)
     val_data_path = c.text("val_data_path", val_data_path)
-    local_files_only, train_on_inputs, dry_run, data_cache, use_8bit, use_4bit, packing, overwrite_output_dir = (c.boolean(n, v) for n, v in (
-        ("local_files_only", local_files_only), ("train_on_inputs", train_on_inputs), ("dry_run", dry_run), ("data_cache", data_cache),
-        ("use_8bit", use_8bit), ("use_4bit", use_4bit), ("packing", packing), ("overwrite_output_dir", overwrite_output_dir)))
+    local_files_only, train_on_inputs, dry_run, data_cache, use_8bit, use_4bit, packing, overwrite_output_dir, trust_remote_code = (
+        c.boolean(n, v) for n, v in (("local_files_only", local_files_only), ("train_on_inputs", train_on_inputs), ("dry_run", dry_run),
+                                     ("data_cache", data_cache), ("use_8bit", use_8bit), ("use_4bit", use_4bit), ("packing", packing),
+                                     ("overwrite_output_dir", overwrite_output_dir), ("trust_remote_code", trust_remote_code)))
     stage, precision = c.choice("stage", stage, ("sft", "pt")), c.choice("precision", precision, ("auto", "bf16", "fp16", "fp32"))
     lr_scheduler_type = c.choice("lr_scheduler_type", lr_scheduler_type, SCHEDULERS)
     cutoff_len, block_size, lora_r = c.integer("cutoff_len", cutoff_len, 1), c.integer("block_size", block_size, 2), c.integer("lora_r", lora_r, 1)
@@ -189,7 +192,8 @@ def main(
     files = data_files(data_path, suffixes, "data_path")
     val_files = data_files(val_data_path, suffixes, "val_data_path") if val_data_path else []
     model_path = resolve_model_path(base_model, local_files_only)
-    tokenizer = load_tokenizer(model_path, local_files_only)
+    check_remote_code(model_path, trust_remote_code)
+    tokenizer = load_tokenizer(model_path, local_files_only, trust_remote_code)
     tmpl = load_template(template, tokenizer)  # pt trains without it, but chat after pt uses it
     encoder = Encoder(tokenizer, stage, tmpl, cutoff_len, train_on_inputs, block_size)
     settings = {"stage": stage, "template": tmpl.to_dict(), "cutoff_len": cutoff_len, "block_size": block_size, "train_on_inputs": train_on_inputs}
@@ -225,7 +229,10 @@ def main(
     device = pick_device()
     dtype = pick_dtype(precision, device)
     register_packed_attention()
-    model = load_model(model_path, dtype, bits, local_files_only=local_files_only, attn_implementation=attention_for(device))
+    model = load_model(model_path, dtype, bits, local_files_only=local_files_only, attn_implementation=attention_for(device),
+                       trust_remote_code=trust_remote_code)
+    if packing and not type(model).__module__.startswith("transformers."):  # its attention would let packed examples see each other
+        packing = say("packing off: the model's own code does not keep packed examples apart") or False
     memory_first = bits < 16  # a 4/8-bit base exists to save memory: recompute activations, return freed memory
     if device == "cpu" and not memory_first:  # keep freed activations for the next step
         reuse_freed_memory()
@@ -285,7 +292,7 @@ def main(
             write_run_config(folder, {
                 "base_model": base_model, "base_model_path": model_path, "stage": stage, "template": tmpl.to_dict(),
                 "cutoff_len": cutoff_len, "block_size": block_size if stage == "pt" else None, "train_on_inputs": train_on_inputs,
-                "bits": bits, "dtype": str(dtype).replace("torch.", ""),
+                "bits": bits, "dtype": str(dtype).replace("torch.", ""), "trust_remote_code": trust_remote_code,
                 "lora": {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout, "target_modules": targets, "modules_to_save": modules_to_save},
                 "data": {"path": str(data_path), **data.stats, "max_samples": max_samples, "train_examples": len(train), "validation_examples": len(val or ()),
                          "tokens_min": int(lengths.min()), "tokens_max": int(lengths.max()), "train_tokens": int(train.lengths().sum())},

@@ -133,7 +133,7 @@ def build_demo(model, tokenizer, template, settings, title="lora-kit chat", cont
 
 def main(model_path: str = None, lora_model: str = None, base_model: str = None, template: str = "auto",
          input_pattern: str = None, num_gpus: int = 1, use_8bit: bool = False, use_4bit: bool = False,
-         precision: str = "auto", local_files_only: bool = False,
+         precision: str = "auto", local_files_only: bool = False, trust_remote_code: bool = None,
          # server
          server_name: str = "127.0.0.1", server_port: int = None, share: bool = False, auth: str = None,
          concurrency: int = 2,
@@ -157,6 +157,7 @@ def main(model_path: str = None, lora_model: str = None, base_model: str = None,
         use_4bit: Load the base model quantized to 4 bits (NF4); older name: --load_4bit.
         precision: auto, bf16, fp16 or fp32 for the model weights (also --dtype).
         local_files_only: Never contact the model hub.
+        trust_remote_code: Run the Python code the model ships; default: what training recorded in run_config.json.
         server_name: The address to listen on; 0.0.0.0 opens the page to the network.
         server_port: The port; default the first free one from 7860.
         share: Also publish the page through a temporary public gradio.live link.
@@ -176,7 +177,8 @@ def main(model_path: str = None, lora_model: str = None, base_model: str = None,
 
     c = Checks()
     load, max_context = generation.chat_model_flags(c, model_path, lora_model, base_model, template, input_pattern, num_gpus,
-                                                    use_8bit, use_4bit, precision, local_files_only, max_context)
+                                                    use_8bit, use_4bit, precision, local_files_only, max_context,
+                                                    trust_remote_code)
     share, server_name = c.boolean("share", share), c.text("server_name", server_name, True)
     server_port, concurrency = c.integer("server_port", server_port, 1, 65535, none=True), c.integer("concurrency", concurrency, 1)
     settings = generation.check_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty,

@@ -28,6 +28,7 @@ def main(
     overwrite_output_dir: bool = False,
     no_verify: bool = False,
     allow_pickle: bool = False,
+    trust_remote_code: bool = None,
 ):
     """Merge a LoRA adapter into its base model and write a standalone HF model folder.
 
@@ -45,6 +46,7 @@ def main(
         overwrite_output_dir: replace a non-empty --output_dir (older name: --overwrite).
         no_verify: skip the check that loads base + adapter through PEFT and the merged model in fp32 and compares their logits on probe prompts.
         allow_pickle: allow pickled .bin weights (adapter or base), which can run code when loaded; safetensors are used whenever present.
+        trust_remote_code: run the Python code the base model ships; default: what the run config of the adapter says.
     """
     c = Checks()
     lora_model, output_dir = c.text("lora_model", lora_model, True, "output/"), c.text("output_dir", output_dir, True, "models/merged")
@@ -52,6 +54,7 @@ def main(
     qlora_base = None if qlora_base is None else c.boolean("qlora_base", qlora_base)
     overwrite, no_verify = c.boolean("overwrite_output_dir", overwrite_output_dir), c.boolean("no_verify", no_verify)
     allow_pickle = c.boolean("allow_pickle", allow_pickle)
+    trust_remote_code = None if trust_remote_code is None else c.boolean("trust_remote_code", trust_remote_code)
     if isinstance(output_dir, str) and output_problem(output_dir, "output_dir"):
         c.add(output_problem(output_dir, "output_dir"))
     c.done()
@@ -62,7 +65,8 @@ def main(
     t0 = time.time()
     print(f"merging {lora_model} into {base_model or 'the base it was trained on'} -> {output_dir} (precision: {precision})", flush=True)
     summary = merge(lora_model, output_dir, base_model=base_model, dtype=out_dtype, overwrite=overwrite,
-                    allow_pickle=allow_pickle, qlora_base=qlora_base, verify=not no_verify)
+                    allow_pickle=allow_pickle, qlora_base=qlora_base, verify=not no_verify,
+                    trust_remote_code=trust_remote_code)
     gib = 2**30
     print(f"base: {summary['base_model']}   adapter: {summary['adapter']}   merged {summary['merged_modules']} LoRA modules"
           + (f", replaced {', '.join(summary['replaced_tensors'])}" if summary["replaced_tensors"] else "")

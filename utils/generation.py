@@ -26,7 +26,7 @@ END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>", "<
 
 
 def chat_model_flags(c, model_path, lora_model, base_model, template, input_pattern, num_gpus, use_8bit, use_4bit,
-                     precision, local_files_only, max_context):
+                     precision, local_files_only, max_context, trust_remote_code=None):
     """Check the model-choosing flags both chat stages take into `c` (a utils.flags.Checks); returns
     (load_for_inference kwargs, max_context)."""
     use_8bit, use_4bit = c.boolean("use_8bit", use_8bit), c.boolean("use_4bit", use_4bit)
@@ -43,7 +43,8 @@ def chat_model_flags(c, model_path, lora_model, base_model, template, input_patt
     load = dict(model_path=model_path, lora_model=lora_model, base_model=base_model, template=template,
                 bits=8 if use_8bit is True else 4 if use_4bit is True else 16, num_gpus=num_gpus,
                 precision=c.choice("precision", precision, ("auto", "bf16", "fp16", "fp32")),
-                local_files_only=c.boolean("local_files_only", local_files_only))
+                local_files_only=c.boolean("local_files_only", local_files_only),
+                trust_remote_code=None if trust_remote_code is None else c.boolean("trust_remote_code", trust_remote_code))
     return load, max_context
 
 

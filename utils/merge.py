@@ -288,13 +288,13 @@ def merged_tensor(name, weight, modules, replace, out_dtype, qlora):
     return w.to(out_dtype)
 
 
-def check_vocab(tokenizer_dir, vocab_size):
+def check_vocab(tokenizer_dir, vocab_size, trust_remote_code=False):
     """A base whose embeddings have fewer rows than the adapter's tokenizer has tokens is the wrong base."""
     if vocab_size is None:
         return
     from utils.model import load_tokenizer
 
-    count = len(load_tokenizer(tokenizer_dir, local_files_only=True))
+    count = len(load_tokenizer(tokenizer_dir, local_files_only=True, trust_remote_code=trust_remote_code))
     if count > vocab_size:
         raise UserError(f"the adapter's tokenizer in {tokenizer_dir} has {count} tokens but the merged {EMBED} has "
                         f"{vocab_size} rows; pass the --base_model the adapter was trained on.")
@@ -311,8 +311,10 @@ def _gib(n):
     return n / 2**30
 
 
-def merge(lora_model, output_dir, base_model=None, dtype=None, overwrite=False, allow_pickle=False, qlora_base=None, verify=True):
+def merge(lora_model, output_dir, base_model=None, dtype=None, overwrite=False, allow_pickle=False, qlora_base=None, verify=True,
+          trust_remote_code=None):
     """Merge, verify (unless verify=False) and write; returns the summary written to merge_info.json.
+    trust_remote_code None follows the run config: a base that ships code is merged with its code copied along.
 
     Everything is written into a hidden folder beside output_dir, which is renamed into place at the end, so
     a failed or killed merge never leaves a half-written output_dir.
@@ -320,7 +322,7 @@ def merge(lora_model, output_dir, base_model=None, dtype=None, overwrite=False, 
 
     from tqdm import tqdm
 
-    from utils.model import download_model_folder, resolve_model_path
+    from utils.model import check_remote_code, download_model_folder, resolve_model_path, ships_code
 
     adapter_dir = find_adapter(lora_model)
     run_config = read_run_config(adapter_dir) or {}
@@ -328,6 +330,8 @@ def merge(lora_model, output_dir, base_model=None, dtype=None, overwrite=False, 
     if not base_model:
         raise UserError(f"neither {adapter_dir}/adapter_config.json nor a run_config.json names the base model; pass --base_model.")
     base_path = download_model_folder(resolve_model_path(base_model))
+    trust_remote_code = bool(run_config.get("trust_remote_code")) if trust_remote_code is None else trust_remote_code
+    check_remote_code(base_path, trust_remote_code)
     out = Path(output_dir).expanduser().resolve()
     for name, folder in (("--lora_model", adapter_dir), ("--base_model", Path(base_path).resolve())):
         if out == folder or out in folder.parents:
@@ -349,7 +353,7 @@ def merge(lora_model, output_dir, base_model=None, dtype=None, overwrite=False, 
     plan, untie, vocab_size = plan_merge(shards, modules, replace, base_config, dtype)
     tok_dir = tokenizer_source(adapter_dir, lora_model, base_path)
     if tok_dir is not None and tok_dir != Path(base_path):
-        check_vocab(tok_dir, vocab_size)
+        check_vocab(tok_dir, vocab_size, trust_remote_code)
 
     sizes = [sum(math.prod(s) * torch.empty((), dtype=d).element_size() for _, _, d, s in entries) for _, entries in plan]
     need = sum(sizes) + 64 * 2**20
@@ -393,12 +397,14 @@ def merge(lora_model, output_dir, base_model=None, dtype=None, overwrite=False, 
         (tmp / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
         _write_configs(tmp, base_path, base_config, plan, untie, vocab_size, tok_dir, run_config, adapter_dir, base_model)
+        for code in ships_code(base_path):  # the merged model runs the same code as its base
+            shutil.copy2(Path(base_path) / code, tmp / code)
         summary = {"base_model": str(base_model), "base_model_path": str(base_path), "adapter": str(adapter_dir),
                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    "dtype": str(dtype or "base's own").replace("torch.", ""), "qlora_base": str(qlora).replace("torch.", "") if qlora else None,
                    "merged_modules": len(modules), "replaced_tensors": sorted(replace), "untied_embeddings": untie,
                    "shards": n, "largest_shard_bytes": max(sizes), "total_bytes": sum(sizes),
-                   "merge_peak_rss_bytes": peak_rss(), "verification": None}
+                   "merge_peak_rss_bytes": peak_rss(), "verification": None, "trust_remote_code": trust_remote_code}
         if verify:
             summary["verification"] = verify_merge(tmp, summary, modules, replace, tok_dir)
             summary["verification"]["peak_rss_bytes"] = peak_rss()
@@ -465,14 +471,15 @@ def _verify_full(out, summary, tok_dir):
     from utils.model import load_model, load_tokenizer
 
     vocab = json.loads((out / "config.json").read_text())["vocab_size"]
+    trust = summary["trust_remote_code"]
     if tok_dir is not None:
-        tokenizer = load_tokenizer(tok_dir, local_files_only=True)
+        tokenizer = load_tokenizer(tok_dir, local_files_only=True, trust_remote_code=trust)
         batches = [torch.tensor([tokenizer(p)["input_ids"][:64]]) for p in PROBES]
     else:  # no tokenizer anywhere: fixed token ids spread over the vocabulary
         batches = [(torch.arange(1, 33) * (i + 1) * 7919 % vocab).unsqueeze(0) for i in range(len(PROBES))]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reference = load_model(summary["base_model_path"], torch.float32, local_files_only=True)
+        reference = load_model(summary["base_model_path"], torch.float32, local_files_only=True, trust_remote_code=trust)
         if summary["qlora_base"]:  # bitsandbytes' own 4-bit CPU matmul is not exact, so dequantize into an fp32 model
             for name, param in reference.named_parameters():
                 if param.dim() == 2 and _LAYER.search(name):
@@ -482,7 +489,7 @@ def _verify_full(out, summary, tok_dir):
         reference = PeftModel.from_pretrained(reference, summary["adapter"]).eval()
         expected = _logits(reference, batches)
         del reference
-        merged = load_model(str(out), torch.float32, local_files_only=True).eval()
+        merged = load_model(str(out), torch.float32, local_files_only=True, trust_remote_code=trust).eval()
         got = _logits(merged, batches)
     diff = max((e - g).abs().max().item() for e, g in zip(expected, got))
     agree = sum((e.argmax(-1) == g.argmax(-1)).sum().item() for e, g in zip(expected, got))

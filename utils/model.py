@@ -6,6 +6,7 @@ built-in model converts the GGUF into a cached HF folder; later loads read that 
 """
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -183,20 +184,43 @@ def pick_dtype(precision, device):
     return table[precision]
 
 
-def load_tokenizer(path, local_files_only=False):
+def ships_code(path):
+    """The Python files a local model folder asks transformers to run (its config's auto_map), or []."""
+    config = Path(path) / "config.json"
+    try:
+        auto_map = json.loads(config.read_text(encoding="utf-8")).get("auto_map") if config.is_file() else None
+    except (OSError, ValueError):
+        return []
+    if not isinstance(auto_map, dict):
+        return []
+    names = {str(v).split("--")[-1].split(".")[0] + ".py" for value in auto_map.values() for v in (value if isinstance(value, list) else [value]) if v}
+    return sorted(names)
+
+
+def check_remote_code(path, trust_remote_code, flag="trust_remote_code"):
+    """Refuse, in one sentence, a model that ships code when --trust_remote_code is off; say what runs when it is
+    on. transformers itself would stop at an interactive prompt or raise after the data was read."""
+    code = ships_code(path)
+    if code and not trust_remote_code:
+        raise UserError(f"{path} ships its own model code ({', '.join(code)}); read it, then pass --{flag}=True to run it.")
+    if code:
+        print(f"warning: --{flag} runs {', '.join(code)} from {path} with your permissions.", file=sys.stderr, flush=True)
+
+
+def load_tokenizer(path, local_files_only=False, trust_remote_code=False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:  # padding positions are masked out, any id does
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
 
 
-def load_config(path, local_files_only=False):
+def load_config(path, local_files_only=False, trust_remote_code=False):
     """The model's config alone (no weights): for GGUF export, which reads weight files itself, and quantized loads."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(path, local_files_only=local_files_only)
+    return AutoConfig.from_pretrained(path, local_files_only=local_files_only, trust_remote_code=trust_remote_code)
 
 
 def quantization_config(bits, compute_dtype):
@@ -270,8 +294,9 @@ def _loading_to_quantize(vocab_size):
               "them through modeling_utils.safe_open); loading peaks higher. tests/test_memory.py pins this.", file=sys.stderr)
 
 
-def load_model(path, dtype, bits=16, device_map=None, local_files_only=False, attn_implementation="sdpa"):
-    """Load a causal LM from a resolved path in `dtype`, optionally quantized to 4 or 8 bits."""
+def load_model(path, dtype, bits=16, device_map=None, local_files_only=False, attn_implementation="sdpa", trust_remote_code=False):
+    """Load a causal LM from a resolved path in `dtype`, optionally quantized to 4 or 8 bits. A model that ships
+    its own code gets no attn_implementation: its attention is its own."""
     from transformers import AutoModelForCausalLM
 
     qconfig = quantization_config(bits, dtype)
@@ -279,11 +304,13 @@ def load_model(path, dtype, bits=16, device_map=None, local_files_only=False, at
     if qconfig is not None:
         if device_map is None:
             device_map = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
-        loading = _loading_to_quantize(getattr(load_config(path, local_files_only).get_text_config(), "vocab_size", None))
+        config = load_config(path, local_files_only, trust_remote_code)
+        loading = _loading_to_quantize(getattr(config.get_text_config(), "vocab_size", None))
+    own_attention = {} if ships_code(path) else {"attn_implementation": attn_implementation}
     with loading:
         return AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, quantization_config=qconfig, device_map=device_map,
-            local_files_only=local_files_only, attn_implementation=attn_implementation,
+            local_files_only=local_files_only, trust_remote_code=trust_remote_code, **own_attention,
         )
 
 
@@ -298,12 +325,13 @@ def device_map_for(num_gpus):
 
 
 def load_for_inference(model_path=None, lora_model=None, base_model=None, template="auto", bits=16,
-                       num_gpus=1, precision="auto", local_files_only=False):
+                       num_gpus=1, precision="auto", local_files_only=False, trust_remote_code=None):
     """Load what the chat, web and evaluation stages talk to, with the template training used.
 
     model_path: a merged or any HF model folder (or hub id). lora_model: a finetune.py output folder (or a
     checkpoint-N/ inside it): its base comes from run_config.json or adapter_config.json unless base_model
-    is given. Neither: the built-in model. Returns (model, tokenizer, template, run_config).
+    is given. Neither: the built-in model. trust_remote_code None follows the run config (what training was
+    allowed). Returns (model, tokenizer, template, run_config).
     """
     from utils.run_folder import adapter_base, find_adapter, read_run_config
     from utils.templates import resolve_template
@@ -321,8 +349,12 @@ def load_for_inference(model_path=None, lora_model=None, base_model=None, templa
         path = resolve_model_path(model_path or BUILTIN, local_files_only, "model_path")
         run_config = read_run_config(path) if Path(path).is_dir() else None
         tokenizer_path = path
-    tokenizer = load_tokenizer(tokenizer_path, local_files_only)
-    model = load_model(path, dtype, bits, device_map=device_map_for(num_gpus), local_files_only=local_files_only)
+    if trust_remote_code is None:
+        trust_remote_code = bool((run_config or {}).get("trust_remote_code"))
+    check_remote_code(path, trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_path, local_files_only, trust_remote_code)
+    model = load_model(path, dtype, bits, device_map=device_map_for(num_gpus), local_files_only=local_files_only,
+                       trust_remote_code=trust_remote_code)
     if lora_model:
         from peft import PeftModel
 

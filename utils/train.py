@@ -66,8 +66,9 @@ def needs_checkpointing(config, tokens_per_step, sequence_length, dtype_bytes, d
     """
     from utils.memory import available_memory
 
-    heads = config.num_attention_heads * min(sequence_length, _CausalAttention.KEEP_UP_TO)
-    per_token = config.num_hidden_layers * (6 * config.hidden_size + 4 * config.intermediate_size + heads) * dtype_bytes
+    intermediate = getattr(config, "intermediate_size", None) or 4 * config.hidden_size  # a model's own config may lack it
+    heads = getattr(config, "num_attention_heads", 1) * min(sequence_length, _CausalAttention.KEEP_UP_TO)
+    per_token = config.num_hidden_layers * (6 * config.hidden_size + 4 * intermediate + heads) * dtype_bytes
     need = tokens_per_step * (per_token + (8 * config.vocab_size if logits else 0))
     if device == "cuda":
         free = torch.cuda.mem_get_info()[0]
