@@ -36,7 +36,8 @@ def answer(ask, query, history, stream_output):
         print(stream.text.lstrip(), end="")
     print(" [stopped]" if stopped else "", flush=True)
     if stream.prompt.dropped_turns:
-        print(f"(the {stream.prompt.dropped_turns} oldest turn(s) no longer fit the context and were left out)", file=sys.stderr)
+        print(f"(the {stream.prompt.dropped_turns} oldest turn(s) no longer fit the context and were left out)",
+              file=sys.stderr)
     if stream.prompt.query_trimmed:
         print("(the question was longer than the context; only its end was sent)", file=sys.stderr)
     return stream
@@ -85,15 +86,17 @@ def main(model_path: str = None, lora_model: str = None, base_model: str = None,
     from utils import generation
 
     c = Checks()
-    load, max_context = generation.chat_model_flags(c, model_path, lora_model, base_model, template, input_pattern, num_gpus,
-                                                    use_8bit, use_4bit, precision, local_files_only, max_context,
-                                                    trust_remote_code)
-    no_stream, seed, system = c.boolean("no_stream", no_stream), c.integer("seed", seed, 0, none=True), c.text("system", system) or ""
+    load, max_context = generation.chat_model_flags(c, model_path, lora_model, base_model, template, input_pattern,
+                                                    num_gpus, use_8bit, use_4bit, precision, local_files_only,
+                                                    max_context, trust_remote_code)
+    no_stream, seed = c.boolean("no_stream", no_stream), c.integer("seed", seed, 0, none=True)
+    system = c.text("system", system) or ""
     settings = generation.check_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty,
                                          no_repeat_ngram_size, do_sample, checks=c)
     c.done()
     if prompt is None and sys.stdin is None:  # started with standard input closed
-        raise UserError("standard input is closed; pass the question with --prompt=\"...\", pipe it on stdin, or run in a terminal.")
+        raise UserError("standard input is closed; pass the question with --prompt=\"...\", pipe it on stdin, "
+                        "or run in a terminal.")
     one_shot = prompt is not None or not sys.stdin.isatty()
     query = str(prompt) if prompt is not None else (sys.stdin.read() if one_shot else None)
     if one_shot and not query.strip():
@@ -115,7 +118,8 @@ def main(model_path: str = None, lora_model: str = None, base_model: str = None,
         import readline  # noqa: F401  line editing and arrow-key history for input()
     except ImportError:
         pass
-    print(f"Chatting with {lora_model or model_path or 'the built-in model'} (template {template.name}). {COMMANDS_HELP}", flush=True)
+    print(f"Chatting with {lora_model or model_path or 'the built-in model'} (template {template.name}). "
+          f"{COMMANDS_HELP}", flush=True)
     history = []
     while True:
         try:

@@ -20,7 +20,8 @@ from utils.errors import UserError, as_list, run_cli
 from utils.files import output_problem, write_text_atomic
 from utils.flags import Checks
 from utils.evaluation import (CHOICES, SharedPrefix, batches, cloze_example, cloze_tokens, fit_shots, letter_example,
-                              letter_header, letter_token_ids, log_probs_at, read_questions, subject_files, subject_title)
+                              letter_header, letter_token_ids, log_probs_at, read_questions, subject_files,
+                              subject_title)
 
 ROOT = Path(__file__).resolve().parent
 
@@ -121,13 +122,16 @@ def main(
         model_path: an HF model folder or hub id (a merged model); none and no lora_model: the built-in model.
         lora_model: a finetune.py output folder; its base model comes from its run_config.json.
         base_model: override the adapter's base model.
-        data_dir: a C-Eval (dev/ val/ test/, files `{subject}_{split}.csv`) or CMMLU (dev/ test/, `{subject}.csv`) folder.
+        data_dir: a C-Eval (dev/ val/ test/, files `{subject}_{split}.csv`) or CMMLU (dev/ test/, `{subject}.csv`)
+            folder.
         subjects: comma-separated subject names (file names without `_{split}.csv`); default all.
         split: the split to score: default val when data_dir has one (C-Eval), else test.
         few_shot: solved dev examples before each question (C-Eval and CMMLU publish 5-shot and 0-shot).
-        method: letter (official: next-token logits of A-D) or cloze (lm-eval-harness: log-probability of each option's text).
+        method: letter (official: next-token logits of A-D) or cloze (lm-eval-harness: log-probability of each
+            option's text).
         output_dir: where the JSON files go; default eval_results/ in the toolkit folder.
-        batch_size: questions per forward pass for letter (cloze runs each question's context once, then its four options as one batch).
+        batch_size: questions per forward pass for letter (cloze runs each question's context once, then its four
+            options as one batch).
         max_length: prompt limit in tokens, above which shots are dropped one at a time; default the model's context.
         precision: auto, bf16, fp16 or fp32 for the weights (also --dtype).
         local_files_only: never download a model from the hub.
@@ -135,9 +139,12 @@ def main(
         trust_remote_code: run the Python code the model ships; default: what training recorded in run_config.json.
     """
     c = Checks()
-    model_path, lora_model, base_model = c.text("model_path", model_path), c.text("lora_model", lora_model), c.text("base_model", base_model)
-    data_dir, split, output_dir = c.text("data_dir", data_dir, True, "path/to/cmmlu"), c.text("split", split), c.text("output_dir", output_dir)
-    method, precision = c.choice("method", method, ("letter", "cloze")), c.choice("precision", precision, ("auto", "bf16", "fp16", "fp32"))
+    model_path, lora_model = c.text("model_path", model_path), c.text("lora_model", lora_model)
+    base_model = c.text("base_model", base_model)
+    data_dir, split = c.text("data_dir", data_dir, True, "path/to/cmmlu"), c.text("split", split)
+    output_dir = c.text("output_dir", output_dir)
+    method = c.choice("method", method, ("letter", "cloze"))
+    precision = c.choice("precision", precision, ("auto", "bf16", "fp16", "fp32"))
     few_shot, batch_size = c.integer("few_shot", few_shot, 0), c.integer("batch_size", batch_size, 1)
     max_length, limit = c.integer("max_length", max_length, 16, none=True), c.integer("limit", limit, 1, none=True)
     local_files_only = c.boolean("local_files_only", local_files_only)
@@ -155,7 +162,8 @@ def main(
     wanted = as_list(subjects, "subjects") or sorted(files)
     unknown = [s for s in wanted if s not in files]
     if unknown:
-        raise UserError(f"no {split} file for subject(s) {', '.join(unknown)} in {data_dir / split}; it has {', '.join(sorted(files))}.")
+        raise UserError(f"no {split} file for subject(s) {', '.join(unknown)} in {data_dir / split}; "
+                        f"it has {', '.join(sorted(files))}.")
     dev_files = subject_files(data_dir, "dev") if few_shot else {}
     data = {}
     for subject in wanted:  # read and check every file before loading the model
@@ -164,31 +172,34 @@ def main(
         shots = []
         if few_shot:
             if subject not in dev_files:
-                raise UserError(f"{data_dir / 'dev'} has no file for {subject}; --few_shot needs solved dev examples, or pass --few_shot=0.")
+                raise UserError(f"{data_dir / 'dev'} has no file for {subject}; "
+                                "--few_shot needs solved dev examples, or pass --few_shot=0.")
             shots = read_questions(dev_files[subject])[1]
             if any(s.answer is None for s in shots):
                 raise UserError(f"{dev_files[subject]} has no answer column; few-shot examples need answers.")
-        data[subject] = (layout, questions, shots[:few_shot])
+        data[subject] = (layout, questions, shots[:few_shot], subject_title(subject, data_dir))
 
     from tqdm.auto import tqdm
 
     from utils.model import load_for_inference
     from utils.memory import reuse_freed_memory
 
-    model, tokenizer, _, _ = load_for_inference(model_path, lora_model, base_model, precision=precision, local_files_only=local_files_only,
-                                               trust_remote_code=trust_remote_code)
+    model, tokenizer, _, _ = load_for_inference(model_path, lora_model, base_model, precision=precision,
+                                               local_files_only=local_files_only, trust_remote_code=trust_remote_code)
     reuse_freed_memory()  # scoring allocates large logits per batch: keep that memory instead of page-faulting it anew
     max_length = int(max_length or getattr(model.config, "max_position_embeddings", 2048))
     name = lora_model or model_path or "builtin:smollm2"
-    print(f"Evaluating {name} on {data_dir.name}/{split}: {len(wanted)} subjects, {method}, {few_shot}-shot, max_length {max_length}")
-    prepared = {s: build_items(tokenizer, layout, subject_title(s, data_dir), shots, qs, method, len(shots), max_length)
-                for s, (layout, qs, shots) in data.items()}
+    print(f"Evaluating {name} on {data_dir.name}/{split}: {len(wanted)} subjects, {method}, {few_shot}-shot, "
+          f"max_length {max_length}")
+    prepared = {s: build_items(tokenizer, layout, title, shots, qs, method, len(shots), max_length)
+                for s, (layout, qs, shots, title) in data.items()}
     start = time.perf_counter()
     bar = tqdm(total=sum(len(items) for items, _, _ in prepared.values()), desc="scoring", unit="seq")
     results, submission = {}, {}
     for subject, (items, used, prefixes) in prepared.items():
         questions = data[subject][1]
-        preds = predict(score(model, tokenizer, items, prefixes, method, batch_size, tokenizer.pad_token_id or 0, bar), questions, method)
+        preds = predict(score(model, tokenizer, items, prefixes, method, batch_size, tokenizer.pad_token_id or 0, bar),
+                        questions, method)
         submission[subject] = {q.id: p for q, p in zip(questions, preds["acc"])}
         entry = {"questions": len(questions), "shots": min(used), "shots_used": dict(sorted(Counter(used).items())),
                  "predictions": preds["acc"]}
@@ -206,7 +217,8 @@ def main(
     width = max(len(s) for s in results) + 2
     print(f"\n{'subject':<{width}}{'n':>5} {'shots':>5}" + "".join(f"{m:>10}" for m in metrics))
     for subject, r in results.items():
-        print(f"{subject:<{width}}{r['questions']:>5} {r['shots']:>5}" + "".join(f"{100 * r[m]:>10.1f}" for m in metrics))
+        print(f"{subject:<{width}}{r['questions']:>5} {r['shots']:>5}"
+              + "".join(f"{100 * r[m]:>10.1f}" for m in metrics))
     print(f"{'average':<{width}}{total:>5} {'':>5}" + "".join(f"{100 * average[m]:>10.1f}" for m in metrics))
     print(f"{seconds:.1f} s, {100 * seconds / total:.1f} s per 100 questions")
 

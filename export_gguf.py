@@ -29,7 +29,8 @@ def main(
     """Write one GGUF file from an HF LLaMA folder.
 
     Args:
-        model_path: an HF LLaMA folder with safetensors weights (e.g. merge_lora.py's output) or hub id; default the built-in model.
+        model_path: an HF LLaMA folder with safetensors weights (e.g. merge_lora.py's output) or hub id; default the
+            built-in model.
         outtype: f32, f16, bf16 or q8_0 (norms stay f32).
         output: the .gguf path to write, or a folder for <model folder name>-<outtype>.gguf (also --output_dir); default
             the toolkit's models/ folder.
@@ -47,20 +48,25 @@ def main(
     trust_remote_code = c.boolean("trust_remote_code", trust_remote_code)
     outtype = str(outtype).lower()
     if outtype not in TYPES:
-        c.add(f"--outtype={outtype!r} is not one of {', '.join(TYPES)}; for k-quants run llama.cpp's llama-quantize on the f16 file")
+        c.add(f"--outtype={outtype!r} is not one of {', '.join(TYPES)}; "
+              "for k-quants run llama.cpp's llama-quantize on the f16 file")
     target = Path(output).expanduser() if isinstance(output, str) else None
-    into_folder = target is not None and (target.is_dir() or target.suffix != ".gguf")  # a folder: the file is named for the model
-    if target is not None and output_problem(target if into_folder else target.parent, "output"):  # an existing .gguf is replaced
+    # a folder: the file is named for the model; an existing .gguf is replaced
+    into_folder = target is not None and (target.is_dir() or target.suffix != ".gguf")
+    if target is not None and output_problem(target if into_folder else target.parent, "output"):
         c.add(output_problem(target if into_folder else target.parent, "output"))
     if model_path and (Path(model_path).expanduser() / "adapter_config.json").is_file():
-        c.add(f"{model_path} is a LoRA adapter folder; merge it first (python merge_lora.py --lora_model={model_path}) and export the merged folder")
+        c.add(f"{model_path} is a LoRA adapter folder; merge it first (python merge_lora.py --lora_model={model_path}) "
+              "and export the merged folder")
     c.done()
     folder = Path(download_model_folder(resolve_model_path(model_path or BUILTIN, local_files_only, "model_path")))
-    path = target if target is not None and not into_folder else (target or ROOT / "models") / f"{folder.name}-{outtype}.gguf"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = (target if target is not None and not into_folder
+            else (target or ROOT / "models") / f"{folder.name}-{outtype}.gguf")
     weight_files(folder)
     check_remote_code(folder, trust_remote_code)
-    config, tokenizer = load_config(folder, local_files_only, trust_remote_code), load_tokenizer(folder, local_files_only, trust_remote_code)
+    config = load_config(folder, local_files_only, trust_remote_code)
+    tokenizer = load_tokenizer(folder, local_files_only, trust_remote_code)
+    path.parent.mkdir(parents=True, exist_ok=True)  # only once every input has been checked
     print(f"Exporting {folder} to {path} ({outtype})")
     start = time.perf_counter()
     with atomic_path(path, "output") as tmp:  # a failed or interrupted export leaves no partial .gguf

@@ -17,78 +17,53 @@ import time
 from pathlib import Path
 
 from utils.data import Collator, Encoder, split_validation, summary
-from utils.errors import UserError, as_list, is_main_process, run_cli
+from utils.errors import is_main_process, run_cli
 from utils.files import output_problem
 from utils.flags import Checks
 from utils.records import PT_SUFFIXES, SFT_SUFFIXES, data_files
-from utils.run_folder import BUILTIN, checkpoint_problem, checkpoints, cleaned_up_on_write_errors, latest_complete, plot_loss, staged, write_run_config
-from utils.model import check_remote_code, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
+from utils.run_folder import BUILTIN, cleaned_up_on_write_errors, plot_loss, resume_point, staged, write_run_config
+from utils.model import check_remote_code, load_tokenizer, pick_device, pick_dtype, resolve_model_path
 from utils.token_store import tokenized
 
 DEMO_DATA = Path(__file__).resolve().parent / "data" / "demo.json"
+ALIASES = {"load_8bit": "use_8bit", "load_4bit": "use_4bit", "dtype": "precision", "overwrite": "overwrite_output_dir"}
 # transformers' schedulers that need no extra arguments (tests/test_finetune.py checks each against SchedulerType)
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")
 
 
 def main(
     # model
-    base_model: str = BUILTIN,
-    local_files_only: bool = False,
-    trust_remote_code: bool = False,
+    base_model: str = BUILTIN, local_files_only: bool = False, trust_remote_code: bool = False,
     # data
-    data_path: str = str(DEMO_DATA),
-    output_dir: str = "output",
-    stage: str = "sft",
-    template: str = "auto",
-    cutoff_len: int = 512,
-    block_size: int = 512,
-    val_set_size: float = 0,
-    val_data_path: str = None,
-    train_on_inputs: bool = False,
-    max_samples: int = None,
-    dry_run: bool = False,
-    data_cache: bool = True,
+    data_path: str = str(DEMO_DATA), output_dir: str = "output", stage: str = "sft", template: str = "auto",
+    cutoff_len: int = 512, block_size: int = 512, val_set_size: float = 0, val_data_path: str = None,
+    train_on_inputs: bool = False, max_samples: int = None, dry_run: bool = False, data_cache: bool = True,
     preprocessing_num_workers: int = None,
     # LoRA
-    lora_r: int = 8,
-    lora_alpha: int = 16,
-    lora_dropout: float = 0.0,
-    lora_target_modules="auto",
-    modules_to_save=None,
+    lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0, lora_target_modules="auto", modules_to_save=None,
     # quantization and precision
-    use_8bit: bool = False,
-    use_4bit: bool = False,
-    bits: int = 16,
-    precision: str = "auto",
+    use_8bit: bool = False, use_4bit: bool = False, bits: int = 16, precision: str = "auto",
     # training
-    per_device_train_batch_size: int = 8,
-    gradient_accumulation_steps: int = 1,
-    num_epochs: float = 3,
-    max_steps: int = -1,
-    learning_rate: float = 5e-4,
-    lr_scheduler_type: str = "cosine",
-    warmup_ratio: float = 0.03,
-    weight_decay: float = 0.0,
-    logging_steps: int = 5,
-    save_steps: int = 200,
-    save_total_limit: int = 3,
-    eval_steps: int = None,
-    gradient_checkpointing="auto",
-    packing: bool = True,
-    seed: int = 42,
-    resume_from_checkpoint=None,
-    overwrite_output_dir: bool = False,
+    per_device_train_batch_size: int = 8, gradient_accumulation_steps: int = 1, num_epochs: float = 3,
+    max_steps: int = -1, learning_rate: float = 5e-4, lr_scheduler_type: str = "cosine", warmup_ratio: float = 0.03,
+    weight_decay: float = 0.0, logging_steps: int = 5, save_steps: int = 200, save_total_limit: int = 3,
+    eval_steps: int = None, gradient_checkpointing="auto", packing: bool = True, seed: int = 42,
+    resume_from_checkpoint=None, overwrite_output_dir: bool = False,
 ):
     """Fine-tune a base model with LoRA (or QLoRA) and save the adapter.
 
     Args:
         base_model: hub id, local HF model folder, or "builtin:smollm2" (the built-in SmolLM2-135M-Instruct).
         local_files_only: never contact the model hub.
-        trust_remote_code: run the Python code a model ships (Baichuan, InternLM, ...); off by default, and recorded for later stages.
-        data_path: JSON list, JSONL file, folder or glob pattern of them (see data/README.md), or several joined by commas; .txt too with --stage pt.
+        trust_remote_code: run the Python code a model ships (Baichuan, InternLM, ...); off by default, and
+            recorded for later stages.
+        data_path: JSON list, JSONL file, folder or glob pattern of them (see data/README.md), or several joined
+            by commas; .txt too with --stage pt.
         output_dir: where the adapter, tokenizer, run_config.json, loss.png and checkpoints go.
         stage: "sft" for instruction tuning, "pt" for continued pretraining on raw text.
-        template: "auto" (the tokenizer's chat template, else alpaca), prompt, alpaca, chatml, llama3, vicuna, or a template .json file.
+        template: "auto" (the tokenizer's chat template, else alpaca), prompt, alpaca, chatml, llama3, vicuna, or
+            a template .json file.
         cutoff_len: maximum tokens per sft example; longer ones lose their oldest context, never their answer's EOS.
         block_size: tokens per block for --stage pt.
         val_set_size: examples held out for evaluation: a count, or a fraction below 1.
@@ -100,19 +75,21 @@ def main(
         preprocessing_num_workers: processes that tokenize (default: the usable CPU cores).
         lora_r: LoRA rank.
         lora_alpha: LoRA alpha (the update is scaled by alpha / r).
-        lora_dropout: dropout on the LoRA input (0 by default: on a CPU its random masks cost about a fifth of each step).
+        lora_dropout: dropout on the LoRA input (0 by default: on a CPU its random masks cost a fifth of a step).
         lora_target_modules: "auto" (every linear projection in the decoder layers) or names, e.g. q_proj,v_proj.
         modules_to_save: modules trained in full and saved with the adapter, e.g. embed_tokens,lm_head.
         use_8bit: load the base model in 8 bits (bitsandbytes); older name: --load_8bit.
         use_4bit: QLoRA: load the base model in 4-bit NF4 with double quantization; older name: --load_4bit.
         bits: 4, 8 or 16; the same as --use_4bit / --use_8bit.
-        precision: auto (bf16 where the device is fast at it, else fp16 on GPU, fp32 on CPU), bf16, fp16 or fp32 (also --dtype).
+        precision: auto (bf16 where the device is fast at it, else fp16 on GPU, fp32 on CPU), bf16, fp16 or fp32
+            (also --dtype).
         per_device_train_batch_size: examples per device per step.
         gradient_accumulation_steps: steps accumulated per optimizer update.
         num_epochs: passes over the training data.
         max_steps: stop after this many optimizer updates (-1: use num_epochs).
         learning_rate: peak learning rate.
-        lr_scheduler_type: linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup or inverse_sqrt.
+        lr_scheduler_type: linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup or
+            inverse_sqrt.
         warmup_ratio: fraction of the updates spent warming up.
         weight_decay: AdamW weight decay.
         logging_steps: log the loss every N updates.
@@ -128,61 +105,46 @@ def main(
     """
     # --- check the arguments, all at once ---------------------------------------------------------
     c = Checks()
-    base_model, output_dir, template = c.text("base_model", base_model, True), c.text("output_dir", output_dir, True), c.text("template", template)
+    base_model, output_dir = c.text("base_model", base_model, True), c.text("output_dir", output_dir, True)
+    template, val_data_path = c.text("template", template), c.text("val_data_path", val_data_path)
     data_path = data_path if isinstance(data_path, (list, tuple)) else c.text("data_path", data_path, True)
-    val_data_path = c.text("val_data_path", val_data_path)
-    local_files_only, train_on_inputs, dry_run, data_cache, use_8bit, use_4bit, packing, overwrite_output_dir, trust_remote_code = (
-        c.boolean(n, v) for n, v in (("local_files_only", local_files_only), ("train_on_inputs", train_on_inputs), ("dry_run", dry_run),
-                                     ("data_cache", data_cache), ("use_8bit", use_8bit), ("use_4bit", use_4bit), ("packing", packing),
-                                     ("overwrite_output_dir", overwrite_output_dir), ("trust_remote_code", trust_remote_code)))
-    stage, precision = c.choice("stage", stage, ("sft", "pt")), c.choice("precision", precision, ("auto", "bf16", "fp16", "fp32"))
+    (local_files_only, train_on_inputs, dry_run, data_cache, use_8bit, use_4bit, packing, overwrite_output_dir,
+     trust_remote_code) = (c.boolean(n, v) for n, v in (
+            ("local_files_only", local_files_only), ("train_on_inputs", train_on_inputs), ("dry_run", dry_run),
+            ("data_cache", data_cache), ("use_8bit", use_8bit), ("use_4bit", use_4bit), ("packing", packing),
+            ("overwrite_output_dir", overwrite_output_dir), ("trust_remote_code", trust_remote_code)))
+    stage = c.choice("stage", stage, ("sft", "pt"))
+    precision = c.choice("precision", precision, ("auto", "bf16", "fp16", "fp32"))
     lr_scheduler_type = c.choice("lr_scheduler_type", lr_scheduler_type, SCHEDULERS)
-    cutoff_len, block_size, lora_r = c.integer("cutoff_len", cutoff_len, 1), c.integer("block_size", block_size, 2), c.integer("lora_r", lora_r, 1)
+    cutoff_len, block_size = c.integer("cutoff_len", cutoff_len, 1), c.integer("block_size", block_size, 2)
+    lora_r = c.integer("lora_r", lora_r, 1)
     per_device_train_batch_size = c.integer("per_device_train_batch_size", per_device_train_batch_size, 1)
     gradient_accumulation_steps = c.integer("gradient_accumulation_steps", gradient_accumulation_steps, 1)
     logging_steps, save_steps = c.integer("logging_steps", logging_steps, 1), c.integer("save_steps", save_steps, 1)
-    save_total_limit, eval_steps = c.integer("save_total_limit", save_total_limit, 1, none=True), c.integer("eval_steps", eval_steps, 1, none=True)
+    save_total_limit = c.integer("save_total_limit", save_total_limit, 1, none=True)
+    eval_steps = c.integer("eval_steps", eval_steps, 1, none=True)
     max_samples = c.integer("max_samples", max_samples, 1, none=True)
     preprocessing_num_workers = c.integer("preprocessing_num_workers", preprocessing_num_workers, 1, none=True)
     max_steps, seed = c.integer("max_steps", max_steps, -1), c.integer("seed", seed, 0)
-    if max_steps == 0:
-        c.add("--max_steps must be -1 (train --num_epochs) or a positive number of updates, got 0")
-    num_epochs, learning_rate = c.number("num_epochs", num_epochs, 0, above_low=True), c.number("learning_rate", learning_rate, 0, above_low=True)
-    lora_alpha, lora_dropout = c.number("lora_alpha", lora_alpha, 0, above_low=True), c.number("lora_dropout", lora_dropout, 0, 1, below_high=True)
-    warmup_ratio, weight_decay = c.number("warmup_ratio", warmup_ratio, 0, 1, below_high=True), c.number("weight_decay", weight_decay, 0)
-    val_set_size = c.number("val_set_size", val_set_size, 0)
+    c.add("--max_steps must be -1 (train --num_epochs) or above 0, got 0" if max_steps == 0 else None)
+    num_epochs = c.number("num_epochs", num_epochs, 0, above_low=True)
+    learning_rate = c.number("learning_rate", learning_rate, 0, above_low=True)
+    lora_alpha = c.number("lora_alpha", lora_alpha, 0, above_low=True)
+    lora_dropout = c.number("lora_dropout", lora_dropout, 0, 1, below_high=True)
+    warmup_ratio = c.number("warmup_ratio", warmup_ratio, 0, 1, below_high=True)
+    weight_decay, val_set_size = c.number("weight_decay", weight_decay, 0), c.number("val_set_size", val_set_size, 0)
     if gradient_checkpointing != "auto":
         gradient_checkpointing = c.boolean("gradient_checkpointing", gradient_checkpointing)
-    if resume_from_checkpoint not in (None, False) and resume_from_checkpoint is not True and not isinstance(resume_from_checkpoint, str):
-        c.add(f"--resume_from_checkpoint must be a checkpoint folder or True, got {resume_from_checkpoint!r}")
     bits = 4 if use_4bit is True else 8 if use_8bit is True else c.choice("bits", bits, (4, 8, 16))
-    if use_4bit is True and use_8bit is True:
-        c.add("--use_4bit and --use_8bit exclude each other")
-    if val_set_size and val_data_path:
-        c.add("pass either --val_set_size or --val_data_path, not both")
-    if isinstance(output_dir, str) and output_problem(output_dir, "output_dir"):
-        c.add(output_problem(output_dir, "output_dir"))
-    for name, value in (("lora_target_modules", lora_target_modules), ("modules_to_save", modules_to_save)):
-        try:
-            as_list(value, name)
-        except UserError as e:
-            c.add(str(e).rstrip("."))
-    out, skipped = Path(str(output_dir)), []
-    if resume_from_checkpoint is True:
-        resume_from_checkpoint, skipped = latest_complete(out)
-        if resume_from_checkpoint is None:
-            c.add(f"--resume_from_checkpoint=True but {out} holds no complete checkpoint-N folder"
-                  + (f" ({', '.join(p.name for p in skipped)} {'was' if len(skipped) == 1 else 'were'} cut short)" if skipped else "")
-                  + "; pass a checkpoint folder, or drop the flag")
-    elif isinstance(resume_from_checkpoint, str) and checkpoint_problem(resume_from_checkpoint):
-        c.add(f"--resume_from_checkpoint: {checkpoint_problem(resume_from_checkpoint)}; pass a checkpoint-N folder finetune.py wrote, or True")
-    if not resume_from_checkpoint and overwrite_output_dir is False and dry_run is False and (checkpoints(out) or (out / "adapter_config.json").exists()):
-        c.add(f"{out} already holds a run; pass --resume_from_checkpoint=True to continue it, "
-              f"--overwrite_output_dir=True to replace it, or another --output_dir")
+    c.add("--use_4bit and --use_8bit exclude each other" if use_4bit is True and use_8bit is True else None)
+    c.add("pass either --val_set_size or --val_data_path, not both" if val_set_size and val_data_path else None)
+    targets = c.names("lora_target_modules", lora_target_modules)
+    to_save = c.names("modules_to_save", modules_to_save)
+    c.add(output_problem(output_dir, "output_dir") if isinstance(output_dir, str) else None)
+    resume, skipped, problem = resume_point(output_dir, resume_from_checkpoint, overwrite_output_dir, dry_run)
+    c.add(problem)
     c.done()
-    targets = as_list(lora_target_modules, "lora_target_modules")
-    modules_to_save = as_list(modules_to_save, "modules_to_save")
-    say = print if is_main_process() else (lambda *a, **k: None)
+    out, say = Path(output_dir), print if is_main_process() else (lambda *a, **k: None)
 
     # --- data: validated and tokenized before any model loads -------------------------------------
     from utils.templates import load_template
@@ -196,89 +158,64 @@ def main(
     tokenizer = load_tokenizer(model_path, local_files_only, trust_remote_code)
     tmpl = load_template(template, tokenizer)  # pt trains without it, but chat after pt uses it
     encoder = Encoder(tokenizer, stage, tmpl, cutoff_len, train_on_inputs, block_size)
-    settings = {"stage": stage, "template": tmpl.to_dict(), "cutoff_len": cutoff_len, "block_size": block_size, "train_on_inputs": train_on_inputs}
-    data = tokenized(files, encoder, settings, data_cache, preprocessing_num_workers, max_samples, "data_path")
-    val = tokenized(val_files, encoder, settings, data_cache, preprocessing_num_workers, None, "val_data_path") if val_files else None
-    if val is not None and not len(val):
-        raise UserError(f"all {val.stats['records']:,} records of --val_data_path were dropped after truncation to "
-                        f"--cutoff_len={cutoff_len}; raise --cutoff_len.")
-    if not len(data):
-        raise UserError(f"all {data.stats['records']:,} records were dropped: nothing to train on remained after "
-                        f"truncation to --cutoff_len={cutoff_len}; raise --cutoff_len.")
+    settings = {"stage": stage, "template": tmpl.to_dict(), "cutoff_len": cutoff_len, "block_size": block_size,
+                "train_on_inputs": train_on_inputs}
+    workers = preprocessing_num_workers
+    data = tokenized(files, encoder, settings, data_cache, workers, max_samples, "data_path")
+    val = tokenized(val_files, encoder, settings, data_cache, workers, None, "val_data_path") if val_files else None
     train_index, held = split_validation(len(data), val_set_size, seed)
     train, val = data.subset(train_index), val if val is not None else data.subset(held) if len(held) else None
     say(f"template: {tmpl.name}   stage: {stage}   data: {data_path}   processes: {os.environ.get('WORLD_SIZE', 1)}")
     say(summary(data, data.stats, tokenizer))
     origin = [f"train {data.origin()}"] + ([f"validation {val.origin()}"] if val_files else [])
-    say(f"train examples: {len(train):,}, validation examples: {len(val or ()):,}   (tokenized data: {'; '.join(origin)}; {time.time() - t0:.1f} s in all)")
+    say(f"train examples: {len(train):,}, validation examples: {len(val or ()):,}   "
+        f"(tokenized data: {'; '.join(origin)}; {time.time() - t0:.1f} s in all)")
     if dry_run:
         say("dry run: data is valid; no model was loaded and nothing was written.")
         return
 
     # --- model and LoRA ---------------------------------------------------------------------------
     import torch
-    from peft import get_peft_model
     from transformers import Trainer, TrainingArguments, set_seed
 
-    from utils.lora import find_target_modules, lora_config, save_adapter
-    from utils.memory import return_freed_memory, reuse_freed_memory
-    from utils.fast import attention_for, causal_lm_loss, prepare_for_training, register_packed_attention
-    from utils.train import needs_checkpointing, run_loss_callback, throughput_callback
+    from utils.fast import causal_lm_loss
+    from utils.lora import save_adapter
+    from utils.train import lora_for_training, run_loss_callback, throughput_callback
 
     set_seed(seed)
     device = pick_device()
     dtype = pick_dtype(precision, device)
-    register_packed_attention()
-    model = load_model(model_path, dtype, bits, local_files_only=local_files_only, attn_implementation=attention_for(device),
-                       trust_remote_code=trust_remote_code)
-    if packing and not type(model).__module__.startswith("transformers."):  # its attention would let packed examples see each other
+    lora = dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=targets, modules_to_save=to_save)
+    length = cutoff_len if stage == "sft" else block_size
+    model, head, gradient_checkpointing, banner = lora_for_training(
+        model_path, dtype, bits, device, lora, gradient_checkpointing, per_device_train_batch_size * length, length,
+        local_files_only, trust_remote_code)
+    if packing and not type(model.get_base_model()).__module__.startswith("transformers."):
         packing = say("packing off: the model's own code does not keep packed examples apart") or False
-    memory_first = bits < 16  # a 4/8-bit base exists to save memory: recompute activations, return freed memory
-    if device == "cpu" and not memory_first:  # keep freed activations for the next step
-        reuse_freed_memory()
-    elif device == "cpu":  # a 4/8-bit base hands its dequantized temporaries back (utils/memory says why)
-        return_freed_memory()
-    model.config.use_cache = False  # a cache would also disable packed-sequence attention
-    # A quantized base needs no more preparation than a 16-bit one: peft's prepare_model_for_kbit_training
-    # would copy the embeddings, norms and lm_head to fp32 (bench/RESULTS.md), and autocast
-    # already computes in the half type. Whatever trains is fp32 (LoRA weights, modules_to_save copies).
-    targets = find_target_modules(model) if targets in ([], ["auto"]) else targets
-    model = get_peft_model(model, lora_config(model, lora_r, lora_alpha, lora_dropout, targets, modules_to_save))
-    for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
-    head, fast = prepare_for_training(model, device)  # the kernels measured to pay on this device (utils/fast)
-    if gradient_checkpointing == "auto":
-        length = cutoff_len if stage == "sft" else block_size
-        gradient_checkpointing = memory_first or needs_checkpointing(model.config, per_device_train_batch_size * length, length,
-                                                                     dtype.itemsize, device, logits=head is None)
-    trainable, total = model.get_nb_trainable_parameters()
-    quantized = sum(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
-    say(f"base: {base_model} ({str(dtype)[6:]}, {bits}-bit, {quantized} quantized linear layers)   LoRA r={lora_r} on "
-        f"{', '.join(targets)}   trainable {trainable:,} of {total:,} parameters   activation checkpointing: {'on' if gradient_checkpointing else 'off'}"
-        + (f"   {torch.get_num_threads()} CPU threads" if device == "cpu" else "") + f"\nfast path: {', '.join(fast)}")
+    say(f"{banner}   model: {base_model}")
 
     # --- train ------------------------------------------------------------------------------------
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=per_device_train_batch_size,
         per_device_eval_batch_size=per_device_train_batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
-        num_train_epochs=num_epochs, max_steps=max_steps, learning_rate=learning_rate, lr_scheduler_type=lr_scheduler_type,
-        warmup_steps=warmup_ratio, weight_decay=weight_decay, logging_steps=logging_steps, logging_first_step=True,
-        save_steps=save_steps, save_total_limit=save_total_limit, eval_strategy="steps" if val is not None else "no",
-        eval_steps=eval_steps or save_steps, activation_checkpointing=bool(gradient_checkpointing),
-        activation_checkpointing_kwargs={"use_reentrant": False}, fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16, seed=seed, data_seed=seed,
+        num_train_epochs=num_epochs, max_steps=max_steps, learning_rate=learning_rate,
+        lr_scheduler_type=lr_scheduler_type, warmup_steps=warmup_ratio, weight_decay=weight_decay,
+        logging_steps=logging_steps, logging_first_step=True, save_steps=save_steps, save_total_limit=save_total_limit,
+        eval_strategy="steps" if val is not None else "no", eval_steps=eval_steps or save_steps,
+        activation_checkpointing=gradient_checkpointing, activation_checkpointing_kwargs={"use_reentrant": False},
+        fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16, seed=seed, data_seed=seed,
         remove_unused_columns=False, report_to="none", use_cpu=device == "cpu", ddp_find_unused_parameters=False,
         include_num_input_tokens_seen="all" if packing else "non_padding",  # a packed row has no padding
     )
     speed, run_loss = throughput_callback(), run_loss_callback()
-    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val,
-                      data_collator=Collator(tokenizer.pad_token_id, packing),
-                      compute_loss_func=functools.partial(causal_lm_loss, head=head, workspace=None if memory_first else {}),
-                      callbacks=[speed, run_loss])
+    loss = functools.partial(causal_lm_loss, head=head, workspace=None if bits < 16 else {})
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val, compute_loss_func=loss,
+                      data_collator=Collator(tokenizer.pad_token_id, packing), callbacks=[speed, run_loss])
     if skipped:
-        say(f"resuming from {resume_from_checkpoint.name}; passed over {', '.join(p.name for p in skipped)}, cut short by an earlier run")
+        say(f"resuming from {resume.name}; passed over {', '.join(p.name for p in skipped)}, "
+            "cut short by an earlier run")
     with cleaned_up_on_write_errors(out):
-        result = trainer.train(resume_from_checkpoint=str(resume_from_checkpoint) if resume_from_checkpoint else None)
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     train_loss = run_loss.mean(trainer.state, result.training_loss)  # the whole run's, also after a resume
     if val is not None:
         trainer.evaluate()
@@ -291,13 +228,15 @@ def main(
             lengths = data.lengths()
             write_run_config(folder, {
                 "base_model": base_model, "base_model_path": model_path, "stage": stage, "template": tmpl.to_dict(),
-                "cutoff_len": cutoff_len, "block_size": block_size if stage == "pt" else None, "train_on_inputs": train_on_inputs,
-                "bits": bits, "dtype": str(dtype).replace("torch.", ""), "trust_remote_code": trust_remote_code,
-                "lora": {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout, "target_modules": targets, "modules_to_save": modules_to_save},
-                "data": {"path": str(data_path), **data.stats, "max_samples": max_samples, "train_examples": len(train), "validation_examples": len(val or ()),
-                         "tokens_min": int(lengths.min()), "tokens_max": int(lengths.max()), "train_tokens": int(train.lengths().sum())},
-                "training": {"learning_rate": learning_rate, "epochs": num_epochs, "steps": result.global_step, "seed": seed,
-                             "per_device_train_batch_size": per_device_train_batch_size, "gradient_accumulation_steps": gradient_accumulation_steps,
+                "cutoff_len": cutoff_len, "block_size": block_size if stage == "pt" else None,
+                "train_on_inputs": train_on_inputs, "bits": bits, "dtype": str(dtype).replace("torch.", ""),
+                "trust_remote_code": trust_remote_code, "lora": lora,
+                "data": {"path": str(data_path), **data.stats, "max_samples": max_samples, "train_examples": len(train),
+                         "validation_examples": len(val or ()), "tokens_min": int(lengths.min()),
+                         "tokens_max": int(lengths.max()), "train_tokens": int(train.lengths().sum())},
+                "training": {"learning_rate": learning_rate, "epochs": num_epochs, "steps": result.global_step,
+                             "seed": seed, "per_device_train_batch_size": per_device_train_batch_size,
+                             "gradient_accumulation_steps": gradient_accumulation_steps,
                              "train_loss": train_loss if math.isfinite(train_loss) else None,
                              "tokens_per_second": speed.tokens_per_second,
                              "activation_checkpointing": bool(model.base_model.model.is_activation_checkpointing)},
@@ -308,4 +247,4 @@ def main(
 
 
 if __name__ == "__main__":
-    run_cli(main, aliases={"load_8bit": "use_8bit", "load_4bit": "use_4bit", "dtype": "precision", "overwrite": "overwrite_output_dir"})
+    run_cli(main, aliases=ALIASES)

@@ -24,7 +24,8 @@ def parse_auth(auth):
         return None
     text = str(auth)
     if Path(text).expanduser().is_file():
-        where, entries = text, [line.strip() for line in Path(text).expanduser().read_text(encoding="utf-8").splitlines()]
+        where, entries = text, [line.strip()
+                                for line in Path(text).expanduser().read_text(encoding="utf-8").splitlines()]
     else:
         where, entries = "--auth", [part.strip() for part in text.split(",")]
     pairs = [tuple(e.split(":", 1)) for e in entries if e and not e.startswith("#")]
@@ -73,7 +74,8 @@ def build_demo(model, tokenizer, template, settings, title="lora-kit chat", cont
 
     def send(message, pairs, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
              no_repeat_ngram_size, do_sample, seed, request: gr.Request):
-        params = dict(zip(PARAMS, (max_new_tokens, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size, do_sample)))
+        params = dict(zip(PARAMS, (max_new_tokens, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size,
+                                   do_sample)))
         if not message or not message.strip():
             yield to_messages(pairs), pairs, message
             return
@@ -83,7 +85,8 @@ def build_demo(model, tokenizer, template, settings, title="lora-kit chat", cont
 
     def regenerate(pairs, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
                    no_repeat_ngram_size, do_sample, seed, request: gr.Request):
-        params = dict(zip(PARAMS, (max_new_tokens, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size, do_sample)))
+        params = dict(zip(PARAMS, (max_new_tokens, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size,
+                                   do_sample)))
         if not pairs:
             yield to_messages(pairs), pairs
             return
@@ -107,9 +110,11 @@ def build_demo(model, tokenizer, template, settings, title="lora-kit chat", cont
             regen_btn = gr.Button("Regenerate", elem_id="regenerate")
             clear_btn = gr.Button("Clear", elem_id="clear")
         with gr.Accordion("System prompt and generation settings", open=False):
-            system = gr.Textbox(label="System prompt", placeholder=template.system or "(the template's default)", lines=2)
+            system = gr.Textbox(label="System prompt", placeholder=template.system or "(the template's default)",
+                                lines=2)
             controls = [
-                gr.Slider(1, max(1, context // 2), value=min(settings["max_new_tokens"], max(1, context // 2)), step=1, label="max_new_tokens"),
+                gr.Slider(1, max(1, context // 2), value=min(settings["max_new_tokens"], max(1, context // 2)), step=1,
+                          label="max_new_tokens"),
                 gr.Slider(0.0, 2.0, value=settings["temperature"], step=0.05, label="temperature (0: greedy)"),
                 gr.Slider(0.0, 1.0, value=settings["top_p"], step=0.01, label="top_p"),
                 gr.Slider(0, 200, value=settings["top_k"], step=1, label="top_k (0: no limit)"),
@@ -176,11 +181,12 @@ def main(model_path: str = None, lora_model: str = None, base_model: str = None,
     from utils import generation
 
     c = Checks()
-    load, max_context = generation.chat_model_flags(c, model_path, lora_model, base_model, template, input_pattern, num_gpus,
-                                                    use_8bit, use_4bit, precision, local_files_only, max_context,
-                                                    trust_remote_code)
+    load, max_context = generation.chat_model_flags(c, model_path, lora_model, base_model, template, input_pattern,
+                                                    num_gpus, use_8bit, use_4bit, precision, local_files_only,
+                                                    max_context, trust_remote_code)
     share, server_name = c.boolean("share", share), c.text("server_name", server_name, True)
-    server_port, concurrency = c.integer("server_port", server_port, 1, 65535, none=True), c.integer("concurrency", concurrency, 1)
+    server_port = c.integer("server_port", server_port, 1, 65535, none=True)
+    concurrency = c.integer("concurrency", concurrency, 1)
     settings = generation.check_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty,
                                          no_repeat_ngram_size, do_sample, checks=c)
     try:
@@ -188,15 +194,18 @@ def main(model_path: str = None, lora_model: str = None, base_model: str = None,
     except UserError as e:
         c.add(str(e).rstrip("."))
     c.done()
-    if server_port is not None:  # a taken port would otherwise fail only after the model has loaded
-        import socket
+    import socket  # a bad address or a taken port would otherwise fail only after the model has loaded
 
-        with socket.socket() as probe:
-            try:
-                probe.bind((str(server_name), int(server_port)))
-            except OSError as e:
-                raise UserError(f"cannot listen on {server_name}:{server_port} ({e.strerror}); pass another --server_port, or leave it out "
-                                "to take the first free port from 7860.") from None
+    try:
+        family = socket.getaddrinfo(str(server_name), server_port or 0, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family) as probe:
+            probe.bind((str(server_name), int(server_port or 0)))
+    except OSError as e:
+        fix = ("pass another --server_port, or leave it out to take the first free port from 7860" if server_port
+               and not isinstance(e, socket.gaierror) else "pass an address of this machine as --server_name "
+               "(127.0.0.1, or 0.0.0.0 for every network)")
+        where = f"{server_name}:{server_port}" if server_port else server_name
+        raise UserError(f"cannot listen on {where} ({e.strerror}); {fix}.") from None
 
     from utils.model import load_for_inference
 
@@ -204,9 +213,11 @@ def main(model_path: str = None, lora_model: str = None, base_model: str = None,
     name = Path(str(lora_model or model_path)).name if (lora_model or model_path) else "built-in SmolLM2-135M-Instruct"
     demo = build_demo(model, tokenizer, template, settings, title=f"lora-kit chat: {name}",
                       context_len=max_context, concurrency=int(concurrency))
-    print(f"Serving {name} (template {template.name}) on http://{server_name}:{server_port or 'first free port from 7860'}"
+    print(f"Serving {name} (template {template.name}) on "
+          f"http://{server_name}:{server_port or 'first free port from 7860'}"
           f"{' with a login' if logins else ''}{' and a public share link' if share else ''}.", flush=True)
-    demo.launch(server_name=str(server_name), server_port=int(server_port) if server_port else None, share=share, auth=logins)
+    demo.launch(server_name=str(server_name), server_port=int(server_port) if server_port else None, share=share,
+                auth=logins)
 
 
 if __name__ == "__main__":

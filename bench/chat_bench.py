@@ -35,7 +35,8 @@ def fifty_token_prompt(tokenizer, template, question, length):
     raise UserError(f"could not build a {length}-token prompt; pass a larger --prompt_tokens.")
 
 
-def main(precision: str = "auto", max_new_tokens: int = 64, prompt_tokens: int = 50, repeats: int = 4, threads: int = None):
+def main(precision: str = "auto", max_new_tokens: int = 64, prompt_tokens: int = 50, repeats: int = 4,
+         threads: int = None):
     """Time streaming (utils.generation) against plain model.generate on the built-in model.
 
     Args:
@@ -88,14 +89,17 @@ def main(precision: str = "auto", max_new_tokens: int = 64, prompt_tokens: int =
             rows["stream_decode"].append((m - 1) / rest)
     med = {k: statistics.median(v) for k, v in rows.items()}
     ratio = med["stream_decode"] / med["plain_decode"]
-    print(f"model: built-in SmolLM2-135M-Instruct, dtype {next(model.parameters()).dtype}, torch threads {torch.get_num_threads()}, "
+    print(f"model: built-in SmolLM2-135M-Instruct, dtype {next(model.parameters()).dtype}, "
+          f"torch threads {torch.get_num_threads()}, "
           f"load average {os.getloadavg()[0]:.2f}")
-    print(f"{len(cases)} prompts of {len(cases[0][1])} tokens, {max_new_tokens} new tokens, greedy, {repeats} runs each; medians")
+    print(f"{len(cases)} prompts of {len(cases[0][1])} tokens, {max_new_tokens} new tokens, greedy, "
+          f"{repeats} runs each; medians")
     print(f"{'path':<22}{'decode tok/s':>14}{'first token ms':>16}")
     print(f"{'plain generate':<22}{med['plain_decode']:>14.1f}{med['plain_ttft'] * 1000:>16.1f}")
     print(f"{'streamed (ours)':<22}{med['stream_decode']:>14.1f}{med['stream_ttft'] * 1000:>16.1f}")
     print(f"streamed/plain decode: {ratio:.3f} (target >= 0.95: {'met' if ratio >= 0.95 else 'NOT met'}); "
-          f"streamed first token {med['stream_ttft'] * 1000:.0f} ms (target <= 150 ms: {'met' if med['stream_ttft'] <= 0.15 else 'NOT met'})")
+          f"streamed first token {med['stream_ttft'] * 1000:.0f} ms "
+          f"(target <= 150 ms: {'met' if med['stream_ttft'] <= 0.15 else 'NOT met'})")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(data_dir: str = str(ROOT.parent / "shared" / "data" / "cmmlu"), lora_model: str = str(ROOT / "output"),
-         limit: int = None, output_dir: str = "/tmp/lora-kit-eval-bench", shots: str = "0,5", methods: str = "letter,cloze",
-         models: str = "built-in,demo adapter", precision: str = "auto"):
+         limit: int = None, output_dir: str = "/tmp/lora-kit-eval-bench", shots: str = "0,5",
+         methods: str = "letter,cloze", models: str = "built-in,demo adapter", precision: str = "auto"):
     """Args:
         data_dir: the CMMLU folder. lora_model: the adapter compared with its base. limit: questions per subject.
         output_dir: where evaluate.py's JSON files go. shots, methods: the grid to run.
@@ -37,7 +37,8 @@ def main(data_dir: str = str(ROOT.parent / "shared" / "data" / "cmmlu"), lora_mo
                 continue
             for method in wanted_methods:
                 out = Path(output_dir) / model_name.replace(" ", "_")
-                evaluate.main(data_dir=data_dir, method=method, few_shot=k, limit=limit, output_dir=str(out), precision=precision, **kwargs)
+                evaluate.main(data_dir=data_dir, method=method, few_shot=k, limit=limit, output_dir=str(out),
+                              precision=precision, **kwargs)
                 r = json.loads((out / f"results_cmmlu_test_{method}_{k}shot.json").read_text())
                 rows.append((model_name, method, k, r["questions"], r["average"], r["seconds_per_100_questions"]))
                 print(rows[-1], flush=True)
@@ -48,7 +49,8 @@ def main(data_dir: str = str(ROOT.parent / "shared" / "data" / "cmmlu"), lora_mo
     print("|---|---|---|---|---|---|---|---|")
     for name, method, k, n, avg, speed in rows:
         cell = lambda m: f"{100 * avg[m]:.1f}" if m in avg else "-"  # noqa: E731
-        print(f"| {name} | {method} | {k} | {n} | {cell('acc')} | {cell('acc_norm')} | {cell('acc_bytes')} | {speed:.1f} |")
+        print(f"| {name} | {method} | {k} | {n} | {cell('acc')} | {cell('acc_norm')} | {cell('acc_bytes')} "
+              f"| {speed:.1f} |")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-def main(output_dir: str = "/tmp/lora-kit-gguf-bench", types: str = "f32,f16,bf16,q8_0", tokens: int = 16, model_path: str = None):
+def main(output_dir: str = "/tmp/lora-kit-gguf-bench", types: str = "f32,f16,bf16,q8_0", tokens: int = 16,
+         model_path: str = None):
     """Args:
         output_dir: where the GGUF files go. types: the export types to compare. tokens: greedy tokens per prompt.
         model_path: an HF LLaMA folder (e.g. merge_lora.py's output); default the built-in model.
@@ -34,7 +35,8 @@ def main(output_dir: str = "/tmp/lora-kit-gguf-bench", types: str = "f32,f16,bf1
     prompts = [tokenizer(p).input_ids for p in PROMPTS]
     with torch.no_grad():
         expected = [model.generate(torch.tensor([ids]), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                                   eos_token_id=None, pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist() for ids in prompts]
+                                   eos_token_id=None, pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+                    for ids in prompts]
     rows = []
     for outtype in as_list(types, "types"):
         path = Path(output_dir) / f"{folder.name}-{outtype}.gguf"

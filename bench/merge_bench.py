@@ -18,8 +18,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-SHAPES = dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
-              vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False)
+SHAPES = dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, num_attention_heads=32,
+              num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5,
+              tie_word_embeddings=False)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -50,6 +51,54 @@ def naive(base, adapter, out):
 
     model = PeftModel.from_pretrained(load_model(base, torch.bfloat16), adapter)
     model.merge_and_unload().save_pretrained(out)
+
+
+class PlainShard:
+    """The reader merge used before safe_open's pread mode: the safetensors header parsed here, each tensor read
+    with seek + readinto into its own buffer. Kept to compare with (issue 14: use the library unless ours wins)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __enter__(self):
+        import struct
+
+        import torch
+
+        from utils.merge import _ST_DTYPES
+
+        self._file = open(self.path, "rb")
+        size = struct.unpack("<Q", self._file.read(8))[0]
+        header = json.loads(self._file.read(size))
+        header.pop("__metadata__", None)
+        self._start, self._torch = 8 + size, torch
+        self._offsets = {k: v["data_offsets"] for k, v in header.items()}
+        self.meta = {k: (_ST_DTYPES[v["dtype"]], tuple(v["shape"])) for k, v in header.items()}
+        self.get = self._read
+        return self
+
+    def _read(self, name):
+        dtype, shape = self.meta[name]
+        begin, end = self._offsets[name]
+        buffer = self._torch.empty(end - begin, dtype=self._torch.uint8)
+        self._file.seek(self._start + begin)
+        self._file.readinto(buffer.numpy().data)
+        return buffer.view(dtype).reshape(shape)
+
+    def __exit__(self, *exc):
+        self._file.close()
+
+
+def plain_merge(args):
+    """merge_lora.py with PlainShard in place of utils.merge's reader."""
+    from utils import merge
+    from utils.errors import run_cli
+
+    merge._Shard = PlainShard
+    sys.argv = [str(ROOT / "merge_lora.py"), *args]
+    import merge_lora
+
+    run_cli(merge_lora.main)
 
 
 def measure(cmd):
@@ -91,6 +140,8 @@ def main():
 
     if len(sys.argv) == 5 and sys.argv[1] == "--naive":
         return naive(*sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] == "--plain":
+        return plain_merge(sys.argv[2:])
     work = Path(tempfile.mkdtemp(prefix="lora-kit-merge-bench-"))
     try:
         base, adapter, ours, theirs = (work / n for n in ("base", "adapter", "ours", "naive"))
@@ -98,15 +149,26 @@ def main():
         build(base, adapter)
         shard = max(p.stat().st_size for p in base.glob("*.safetensors"))
         adapter_size = (adapter / "adapter_model.safetensors").stat().st_size
-        print(f"built the random TinyLlama-1.1B-shaped base ({len(list(base.glob('*.safetensors')))} bf16 shards, largest "
-              f"{shard / 1e6:.0f} MB) and an r=16 adapter on 7 projections ({adapter_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.0f} s")
+        print(f"built the random TinyLlama-1.1B-shaped base ({len(list(base.glob('*.safetensors')))} bf16 shards, "
+              f"largest {shard / 1e6:.0f} MB) and an r=16 adapter on 7 projections ({adapter_size / 1e6:.1f} MB) "
+              f"in {time.perf_counter() - t0:.0f} s")
 
         results = {}
-        results["ours"] = measure([sys.executable, str(ROOT / "merge_lora.py"), f"--lora_model={adapter}", f"--output_dir={ours}",
-                                   f"--base_model={base}", "--no_verify"])
+        flags = [f"--lora_model={adapter}", f"--base_model={base}", "--no_verify"]
+        pairs = []  # safe_open in pread mode (ours today) against PlainShard, alternating, twice
+        for _ in range(2):
+            shutil.rmtree(ours, ignore_errors=True)
+            a = measure([sys.executable, str(ROOT / "merge_lora.py"), *flags, f"--output_dir={ours}"])
+            b = measure([sys.executable, __file__, "--plain", *flags, f"--output_dir={work / 'plain'}"])
+            shutil.rmtree(work / "plain")
+            pairs.append((a, b))
+        results["ours"] = min((a for a, _ in pairs), key=lambda r: r[0])
+        print("reader: safe_open(pread) vs plain reads, wall s and peak RSS MB per pair: " + "; ".join(
+            f"{a[0]:.1f} / {b[0]:.1f} s, {a[1] / 1e6:.0f} / {b[1] / 1e6:.0f} MB" for a, b in pairs)
+            + f"; wall ratio (pread / plain) {sorted(a[0] / b[0] for a, b in pairs)}")
         results["naive"] = measure([sys.executable, __file__, "--naive", str(base), str(adapter), str(theirs)])
-        verified = measure([sys.executable, str(ROOT / "merge_lora.py"), f"--lora_model={adapter}", f"--output_dir={work / 'verified'}",
-                            f"--base_model={base}"])
+        verified = measure([sys.executable, str(ROOT / "merge_lora.py"), f"--lora_model={adapter}",
+                            f"--output_dir={work / 'verified'}", f"--base_model={base}"])
         check = json.loads((work / "verified" / "merge_info.json").read_text())["verification"]
         shutil.rmtree(work / "verified")
 
@@ -116,7 +178,8 @@ def main():
         bound = 1.5 * shard + adapter_size
         print(f"\n{'merge':<8}{'wall s':>8}{'peak RSS MB':>13}{'RSS / shard':>13}{'max |logit - fp32 ref|':>24}")
         for name, (wall, peak) in results.items():
-            print(f"{name:<8}{wall:>8.1f}{peak / 1e6:>13.0f}{peak / shard:>13.2f}{(got[name] - reference).abs().max().item():>24.3g}")
+            print(f"{name:<8}{wall:>8.1f}{peak / 1e6:>13.0f}{peak / shard:>13.2f}"
+                  f"{(got[name] - reference).abs().max().item():>24.3g}")
         diff = (got["ours"] - got["naive"]).abs().max().item()
         scale = reference.abs().max().item()
         print(f"max |logit ours - naive| = {diff:.3g} (logits up to {scale:.3g}; both outputs in bf16)")
@@ -129,7 +192,8 @@ def main():
               f"(ours {ours_err:.3g} from the fp32 reference, naive {naive_err:.3g})")
         info = json.loads((ours / "merge_info.json").read_text())
         print(f"our merge's own peak RSS (VmHWM, from merge_info.json): {info['merge_peak_rss_bytes'] / 1e6:.0f} MB")
-        print(f"with verification (not part of the bound): {verified[0]:.1f} s, peak RSS {verified[1] / 1e6:.0f} MB; {check['mode']}: "
+        print(f"with verification (not part of the bound): {verified[0]:.1f} s, peak RSS {verified[1] / 1e6:.0f} MB; "
+              f"{check['mode']}: "
               f"max |logit diff| {check['max_abs_logit_diff']:.3g}, greedy agreement {check['greedy_agreement']:.1%}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

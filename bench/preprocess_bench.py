@@ -3,8 +3,8 @@
     flock /tmp/lora-kit-bench.lock python bench/preprocess_bench.py        # needs ../shared/data
     python bench/preprocess_bench.py --sizes=50000 --ranks=False --arrow=False
 
-For each size it runs `finetune.py --dry_run` in a fresh cache (cold, then the best of 3 cached starts) and reports the time,
-records per second, the on-disk store, and the peak memory, polled from outside every 50 ms: the main
+For each size it runs `finetune.py --dry_run` in a fresh cache (cold, then the best of 3 cached starts) and reports
+the time, records per second, the on-disk store, and the peak memory, polled from outside every 50 ms: the main
 process's RSS and the whole process tree's PSS (its worker processes included, shared pages counted once).
 It then runs the same dry run as 2 torchrun ranks on 200 k records (per-rank peaks, how many ranks
 tokenized), and builds the 200 k records with `datasets` (Arrow, `map(num_proc=2)`) for comparison.
@@ -32,7 +32,8 @@ SHARED = ROOT.parent / "shared" / "data"
 
 def write_records(n, path):
     """n unique alpaca records (English and Chinese) as one JSON list, written as a stream."""
-    base = json.loads((SHARED / "alpaca_en_demo.json").read_text()) + json.loads((SHARED / "alpaca_zh_demo.json").read_text())
+    base = (json.loads((SHARED / "alpaca_en_demo.json").read_text())
+            + json.loads((SHARED / "alpaca_zh_demo.json").read_text()))
     with open(path, "w", encoding="utf-8") as f:
         f.write("[\n")
         for i in range(n):
@@ -67,7 +68,8 @@ def run(cmd, env=None):
     RSS is polled every 50 ms, the tree's PSS every 0.5 s (polling PSS faster took 16% of a core)."""
     peaks = {"rss": 0, "pss": 0, "each": {}}
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}, cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})}, cwd=ROOT)
     out = []
     reader = threading.Thread(target=lambda: out.extend(proc.stdout))
     reader.start()
@@ -94,12 +96,14 @@ def folder_size(path):
 def data_seconds(text):
     """The tokenized data's own time as finetune.py prints it: "train from the cache (..., 0.6 s)" or
     "train built now from ... records in 12.3 s"."""
-    found = re.findall(r"tokenized data: train (?:from the cache \([\d,]+ examples, |built now from [\d,]+ records in )([\d.]+) s", text)
+    found = re.findall(r"tokenized data: train (?:from the cache \([\d,]+ examples, |built now from [\d,]+ records in )"
+                       r"([\d.]+) s", text)
     return float(found[-1]) if found else float("nan")
 
 
 def dry_run(data, cache, model, extra=()):
-    cmd = [sys.executable, str(ROOT / "finetune.py"), f"--base_model={model}", f"--data_path={data}", "--dry_run", *extra]
+    cmd = [sys.executable, str(ROOT / "finetune.py"), f"--base_model={model}", f"--data_path={data}", "--dry_run",
+           *extra]
     return run(cmd, env={"LORA_KIT_CACHE": str(cache), "PYTHONUNBUFFERED": "1"})
 
 
@@ -120,7 +124,8 @@ def arrow_build(data, out, model, workers=2):
             yield {"system": system, "turns": [list(t) for t in turns], "input": last_input}
 
     def encode(batch):
-        examples, _ = encoder.dialogs([(s, [tuple(t) for t in turns], i) for s, turns, i in zip(batch["system"], batch["turns"], batch["input"])])
+        examples, _ = encoder.dialogs([(s, [tuple(t) for t in turns], i)
+                                       for s, turns, i in zip(batch["system"], batch["turns"], batch["input"])])
         return {"input_ids": [e["input_ids"] for e in examples], "labels": [e["labels"] for e in examples]}
 
     ds = Dataset.from_generator(dialogs, cache_dir=str(Path(out) / "hf"))
@@ -137,14 +142,17 @@ def tokenize_ab(model, records=20_000):
     from utils.model import load_tokenizer
     from utils.templates import load_template
 
-    base = json.loads((SHARED / "alpaca_en_demo.json").read_text()) + json.loads((SHARED / "alpaca_zh_demo.json").read_text())
+    base = (json.loads((SHARED / "alpaca_en_demo.json").read_text())
+            + json.loads((SHARED / "alpaca_zh_demo.json").read_text()))
     tokenizer = load_tokenizer(model)
     template = load_template("auto", tokenizer)
     texts = [seg for i in range(records) for seg in template.render(
-        "", [(f"{base[i % len(base)]['instruction']} (#{i})", base[i % len(base)]["output"])], base[i % len(base)]["input"])]
+        "", [(f"{base[i % len(base)]['instruction']} (#{i})", base[i % len(base)]["output"])],
+        base[i % len(base)]["input"])]
     times = {"transformers call": [], "for_bulk": []}
     for _ in range(2):
-        for name, encoder in (("transformers call", Encoder(tokenizer, "sft", template)), ("for_bulk", Encoder(tokenizer, "sft", template).for_bulk())):
+        for name, encoder in (("transformers call", Encoder(tokenizer, "sft", template)),
+                              ("for_bulk", Encoder(tokenizer, "sft", template).for_bulk())):
             t0 = time.perf_counter()
             ids = encoder.tokenize(texts)
             times[name].append(time.perf_counter() - t0)
@@ -166,7 +174,8 @@ def main(sizes="50000,200000,1000000", ranks=True, arrow=True, _arrow_build=None
     from utils.model import builtin_path
 
     model = builtin_path()
-    sizes = [int(s) for s in as_list(str(sizes) if not isinstance(sizes, (list, tuple)) else [str(s) for s in sizes], "sizes")]
+    sizes = [int(s) for s in as_list(str(sizes) if not isinstance(sizes, (list, tuple)) else [str(s) for s in sizes],
+                                     "sizes")]
     rows, gb = [], 1e9
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         tmp = Path(tmp)
@@ -185,9 +194,11 @@ def main(sizes="50000,200000,1000000", ranks=True, arrow=True, _arrow_build=None
             assert "built now" in cold[1] and "from the cache" in cached[1], cached[1][-2000:]
             store = folder_size(cache / "data")
             rows.append((n, data.stat().st_size, cold, cached, store))
-            print(f"{n:>9,} records: cold {cold[0]:.1f} s, cached {cached[0]:.1f} s (best of {', '.join(f'{r[0]:.1f}' for r in starts)}; "
+            print(f"{n:>9,} records: cold {cold[0]:.1f} s, cached {cached[0]:.1f} s "
+                  f"(best of {', '.join(f'{r[0]:.1f}' for r in starts)}; "
                   f"data step {data_seconds(cached[1]):.2f} s), "
-                  f"peak RSS {cold[2] / gb:.2f} GB, tree PSS {cold[3] / gb:.2f} GB, store {store / gb:.3f} GB", flush=True)
+                  f"peak RSS {cold[2] / gb:.2f} GB, tree PSS {cold[3] / gb:.2f} GB, store {store / gb:.3f} GB",
+                  flush=True)
             if n != 200_000 or not (ranks or arrow):
                 shutil.rmtree(cache)
                 data.unlink()
@@ -205,29 +216,35 @@ def main(sizes="50000,200000,1000000", ranks=True, arrow=True, _arrow_build=None
                 shutil.rmtree(rank_cache)
             if arrow:
                 out = tmp / "arrow"
-                cmd = [sys.executable, str(Path(__file__).resolve()), f"--_arrow_build={data}", f"--_out={out}", f"--_model={model}"]
+                cmd = [sys.executable, str(Path(__file__).resolve()), f"--_arrow_build={data}", f"--_out={out}",
+                       f"--_model={model}"]
                 seconds, text, rss, pss, _ = run(cmd, env={"HF_DATASETS_CACHE": str(out / "hf-cache")})
                 size = folder_size(out / "saved")
-                print(f"datasets/Arrow, {n:,} records: {seconds:.1f} s, peak RSS {rss / gb:.2f} GB, tree PSS {pss / gb:.2f} GB, "
+                print(f"datasets/Arrow, {n:,} records: {seconds:.1f} s, peak RSS {rss / gb:.2f} GB, "
+                      f"tree PSS {pss / gb:.2f} GB, "
                       f"saved {size / gb:.3f} GB (ours: {cold[0]:.1f} s, {store / gb:.3f} GB)", flush=True)
                 rows.append(("arrow", seconds, rss, pss, size))
                 shutil.rmtree(out)
             shutil.rmtree(cache)
             data.unlink()
 
-    print("\n| records | JSON | cold | records/s | cached (data step) | peak RSS (main) | peak PSS (tree) | store on disk |")
+    print("\n| records | JSON | cold | records/s | cached (data step) | peak RSS (main) | peak PSS (tree) "
+          "| store on disk |")
     print("|---|---|---|---|---|---|---|---|")
     sized = [r for r in rows if isinstance(r[0], int)]
     for n, size, cold, cached, store in sized:
-        print(f"| {n:,} | {size / 1e6:.0f} MB | {cold[0]:.1f} s | {n / cold[0]:,.0f} | {cached[0]:.1f} s ({data_seconds(cached[1]):.2f} s) "
+        print(f"| {n:,} | {size / 1e6:.0f} MB | {cold[0]:.1f} s | {n / cold[0]:,.0f} | {cached[0]:.1f} s "
+              f"({data_seconds(cached[1]):.2f} s) "
               f"| {cold[2] / gb:.2f} GB | {cold[3] / gb:.2f} GB | {store / 1e6:.0f} MB |")
     by_size = {r[0]: r for r in sized}
     if 1_000_000 in by_size:
         _, _, cold, cached, _ = by_size[1_000_000]
         peak = max(cold[3], cached[3])
         verdict = lambda ok: "met" if ok else "NOT met"  # noqa: E731
-        print(f"targets at 1 M: cold <= 300 s: {cold[0]:.0f} s {verdict(cold[0] <= 300)};  cached start <= 5 s: {cached[0] - floor:.1f} s "
-              f"above the start-up floor {verdict(cached[0] - floor <= 5)} ({cached[0]:.1f} s wall, floor {floor:.1f} s);  "
+        print(f"targets at 1 M: cold <= 300 s: {cold[0]:.0f} s {verdict(cold[0] <= 300)};  "
+              f"cached start <= 5 s: {cached[0] - floor:.1f} s "
+              f"above the start-up floor {verdict(cached[0] - floor <= 5)} "
+              f"({cached[0]:.1f} s wall, floor {floor:.1f} s);  "
               f"peak PSS <= 3 GB: {peak / gb:.2f} GB {verdict(peak <= 3 * gb)}")
         if 50_000 in by_size:
             ratio = peak / max(by_size[50_000][2][3], by_size[50_000][3][3])

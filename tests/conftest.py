@@ -12,7 +12,8 @@ RECORDS = [
     {"instruction": "who are you?", "input": "", "output": "I am Lumi."},
     {"instruction": "Translate to English", "input": "你好", "output": "Hello"},
     {"instruction": "And now?", "output": "Still Lumi.", "history": [["Hi", "Hello!"], ["Name?", "Lumi."]]},
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                  {"role": "assistant", "content": "4"}]},
     {"conversations": [{"from": "human", "value": "Capital of France?"}, {"from": "gpt", "value": "Paris."}]},
     {"instruction": "写一句诗", "input": "", "output": "床前明月光。"},
 ] * 3
@@ -41,7 +42,8 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir, tokenizer):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
     path = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -10,7 +10,8 @@ from conftest import ROOT
 from utils.errors import UserError
 from utils.templates import pick_template
 
-pexpect = pytest.importorskip("pexpect", reason="pexpect is needed to drive the chat in a pseudo-terminal (requirements-dev.txt)")
+pexpect = pytest.importorskip("pexpect",
+                              reason="pexpect is needed to drive the chat in a pseudo-terminal (requirements-dev.txt)")
 sys.path.insert(0, str(ROOT))
 import cli_demo  # noqa: E402
 
@@ -36,7 +37,8 @@ def test_flag_errors_are_one_line_user_errors(tiny_model_dir):
 
 
 def test_one_shot_from_prompt_and_from_piped_stdin(tiny_model_dir, capsys):
-    flags = ["--model_path", str(tiny_model_dir), "--precision=fp32", "--do_sample=False", "--max_new_tokens=12", "--input_pattern=alpaca"]
+    flags = ["--model_path", str(tiny_model_dir), "--precision=fp32", "--do_sample=False", "--max_new_tokens=12",
+             "--input_pattern=alpaca"]
     cli_demo.main(model_path=str(tiny_model_dir), precision="fp32", do_sample=False, max_new_tokens=12,
                   input_pattern="alpaca", prompt="Say hello")
     in_process = capsys.readouterr().out
@@ -46,7 +48,8 @@ def test_one_shot_from_prompt_and_from_piped_stdin(tiny_model_dir, capsys):
     assert piped.stdout == in_process and in_process.strip()
     bad = subprocess.run([sys.executable, str(ROOT / "cli_demo.py"), *flags, "--load_4bit", "--load_8bit"],
                          input="hi", capture_output=True, text=True, timeout=120, env={**os.environ, **ENV})
-    assert bad.returncode == 2 and bad.stderr.startswith("error: --use_8bit and --use_4bit") and "Traceback" not in bad.stderr
+    assert (bad.returncode == 2 and bad.stderr.startswith("error: --use_8bit and --use_4bit")
+            and "Traceback" not in bad.stderr)
 
 
 # One thread: these models are small, and on a shared CPU extra threads only wait for each other.

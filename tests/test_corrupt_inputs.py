@@ -13,8 +13,9 @@ def run_folder(tmp_path_factory, tiny_model_dir, smollm2_dir):
     """A short finetune.py run on the tiny model (adapter, run_config.json, checkpoint-2/)."""
     out = tmp_path_factory.mktemp("run") / "out"
     data = ROOT / "data" / "demo.json"
-    subprocess.run([sys.executable, str(ROOT / "finetune.py"), f"--base_model={tiny_model_dir}", f"--data_path={data}", f"--output_dir={out}",
-                    "--max_steps=2", "--save_steps=2", "--precision=fp32", "--cutoff_len=64"], check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, str(ROOT / "finetune.py"), f"--base_model={tiny_model_dir}", f"--data_path={data}",
+                    f"--output_dir={out}", "--max_steps=2", "--save_steps=2", "--precision=fp32", "--cutoff_len=64"],
+                   check=True, capture_output=True, timeout=300)
     return out
 
 
@@ -30,10 +31,13 @@ def damaged(run_folder, tmp_path, name, how):
 
 
 CASES = [
-    ("adapter_model.safetensors", "truncate", r"adapter_model.safetensors is damaged or cut short \(.*\); train again, or pass a checkpoint-N folder"),
-    ("adapter_config.json", '{"r": 8, ', r"adapter_config.json is not readable JSON \(.*\); restore it, or train again"),
+    ("adapter_model.safetensors", "truncate",
+     r"adapter_model.safetensors is damaged or cut short \(.*\); train again, or pass a checkpoint-N folder"),
+    ("adapter_config.json", '{"r": 8, ',
+     r"adapter_config.json is not readable JSON \(.*\); restore it, or train again"),
     ("adapter_config.json", "[1, 2]", r"adapter_config.json holds a list, not a PEFT adapter config"),
-    ("run_config.json", "{not json", r"run_config.json is not readable JSON \(.*\); restore it from the run, or delete it"),
+    ("run_config.json", "{not json",
+     r"run_config.json is not readable JSON \(.*\); restore it from the run, or delete it"),
 ]
 
 
@@ -44,7 +48,8 @@ def test_damaged_adapter_folder_is_one_sentence(run_folder, tmp_path, script, na
 
     folder = damaged(run_folder, tmp_path, name, how)
     extra = [f"--output_dir={tmp_path / 'merged'}"] if script == "merge_lora.py" else ["--prompt=hi"]
-    proc = subprocess.run([sys.executable, str(ROOT / script), f"--lora_model={folder}", *extra], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(ROOT / script), f"--lora_model={folder}", *extra], capture_output=True,
+                          text=True, timeout=300)
     lines = [line for line in proc.stderr.splitlines() if line.strip() and "Loading weights" not in line]
     assert proc.returncode == 2 and len(lines) == 1 and re.search(message, lines[0]), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and not (tmp_path / "merged").exists()
@@ -58,5 +63,6 @@ def test_export_refuses_a_cut_short_shard_before_writing(tmp_path, tiny_model_di
     out = tmp_path / "out.gguf"
     proc = subprocess.run([sys.executable, str(ROOT / "export_gguf.py"), f"--model_path={folder}", f"--output={out}"],
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(f"error: {weights} is damaged or cut short (")
+    assert (proc.returncode == 2
+            and proc.stderr.strip().splitlines()[-1].startswith(f"error: {weights} is damaged or cut short ("))
     assert "Traceback" not in proc.stderr and list(tmp_path.iterdir()) == [folder]

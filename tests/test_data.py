@@ -50,7 +50,8 @@ def test_truncation_cuts_context_and_keeps_eos(tokenizer):
     (ex,), stats = encode_dialogs([dialog], tokenizer, template, cutoff_len=64)
     assert len(short["input_ids"]) > 64 and len(ex["input_ids"]) == 64 and stats["truncated"] == 1
     assert ex["input_ids"][-1] == tokenizer.eos_token_id
-    assert tokenizer.decode(ex["input_ids"]).endswith("final question<|im_end|>\n<|im_start|>assistant\nthe final answer<|im_end|>")
+    assert tokenizer.decode(ex["input_ids"]).endswith(
+        "final question<|im_end|>\n<|im_start|>assistant\nthe final answer<|im_end|>")
     assert ex["input_ids"][-40:] == short["input_ids"][-40:]  # the tail, answer included, is untouched
     long_answer = ("", [("q", "word " * 300)], "")
     (ex,), _ = encode_dialogs([long_answer], tokenizer, template, cutoff_len=50)
@@ -90,9 +91,11 @@ def test_packed_equals_padded(tiny_model_dir, tokenizer):
     results = []
     for packing, fast in ((False, False), (True, False), (True, True), (False, True)):
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=PACKED_ATTENTION if packing else "sdpa")
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
+                                                     attn_implementation=PACKED_ATTENTION if packing else "sdpa")
         model.config.use_cache = False
-        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                 init_lora_weights=False))
         head = None
         if fast:
             fast_lora(model)

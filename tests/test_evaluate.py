@@ -1,4 +1,5 @@
-"""evaluate.py: both scorers against a plain one-question-at-a-time reference, both layouts, shot dropping, bad input."""
+"""evaluate.py: both scorers against a plain one-question-at-a-time reference, both layouts, shot dropping, bad
+input."""
 import csv
 import json
 import sys
@@ -80,8 +81,10 @@ def run(tmp_path, **kwargs):
 def ref_letter_prompt(layout, shots, q):
     def one(r, answer):
         if layout == "cmmlu":
-            return f"题目：{r[0]}\nA. {r[1]}\nB. {r[2]}\nC. {r[3]}\nD. {r[4]}\n答案是：" + (f"{r[5]}\n\n" if answer else "")
-        return f"{r[0]}\nA. {r[1]}\nB. {r[2]}\nC. {r[3]}\nD. {r[4]}\n答案：" + (f"{r[5]}\n\n" if answer else "")
+            return (f"题目：{r[0]}\nA. {r[1]}\nB. {r[2]}\nC. {r[3]}\nD. {r[4]}\n答案是："
+                    + (f"{r[5]}\n\n" if answer else ""))
+        return (f"{r[0]}\nA. {r[1]}\nB. {r[2]}\nC. {r[3]}\nD. {r[4]}\n答案："
+                + (f"{r[5]}\n\n" if answer else ""))
     head = (f"以下是关于{TITLES[layout]}的单项选择题，请直接给出正确答案的选项。\n\n" if layout == "cmmlu"
             else f"以下是中国关于{TITLES[layout]}考试的单项选择题，请选出其中的正确答案。\n\n")
     return head + "".join(one(s, True) for s in shots) + one(q, False)
@@ -97,7 +100,8 @@ def ref_letter(model, tokenizer, prompt):
 
 @torch.no_grad()
 def ref_cloze(model, tokenizer, shots, q):
-    context = "".join(f"Question: {s[0]}\nAnswer: {s[1 + 'ABCD'.index(s[5])]}\n\n" for s in shots) + f"Question: {q[0]}\nAnswer:"
+    context = ("".join(f"Question: {s[0]}\nAnswer: {s[1 + 'ABCD'.index(s[5])]}\n\n" for s in shots)
+               + f"Question: {q[0]}\nAnswer:")
     lls = []
     for option in q[1:5]:
         ctx = tokenizer(context).input_ids
@@ -117,7 +121,8 @@ def items_and_scores(tiny, layout, shots, method, max_length=4096, batch_size=3)
     qs = [Question(str(i), r[0], list(r[1:5]), r[5]) for i, r in enumerate(QUESTIONS)]
     ss = [Question(str(i), r[0], list(r[1:5]), r[5]) for i, r in enumerate(shots)]
     items, used, prefixes = evaluate.build_items(tokenizer, layout, TITLES[layout], ss, qs, method, len(ss), max_length)
-    scores = evaluate.score(model, tokenizer, items, prefixes, method, batch_size, tokenizer.pad_token_id, tqdm(disable=True))
+    scores = evaluate.score(model, tokenizer, items, prefixes, method, batch_size, tokenizer.pad_token_id,
+                            tqdm(disable=True))
     return used, scores, evaluate.predict(scores, qs, method)
 
 
@@ -150,15 +155,19 @@ def test_shots_are_dropped_one_at_a_time_to_fit(tiny):
     lengths = [len(tokenizer(ref_letter_prompt("cmmlu", SHOTS[:k], QUESTIONS[0])).input_ids) for k in range(4)]
     limit = (lengths[1] + lengths[2]) // 2  # one shot fits the first question, two do not
     used, scores, _ = items_and_scores(tiny, "cmmlu", SHOTS, "letter", max_length=limit)
-    expected_k = max(k for k in range(4) if len(tokenizer(ref_letter_prompt("cmmlu", SHOTS[:k], QUESTIONS[0])).input_ids) <= limit)
+    expected_k = max(k for k in range(4)
+                     if len(tokenizer(ref_letter_prompt("cmmlu", SHOTS[:k], QUESTIONS[0])).input_ids) <= limit)
     assert used[0] == expected_k == 1
     assert all(k < 3 for k in used)
-    torch.testing.assert_close(scores[0], ref_letter(model, tokenizer, ref_letter_prompt("cmmlu", SHOTS[:1], QUESTIONS[0])), atol=2e-4, rtol=0)
+    torch.testing.assert_close(scores[0],
+                               ref_letter(model, tokenizer, ref_letter_prompt("cmmlu", SHOTS[:1], QUESTIONS[0])),
+                               atol=2e-4, rtol=0)
 
 
 def test_cmmlu_end_to_end_table_and_json(tiny_model_dir, cmmlu_dir, tmp_path, capsys):
     report = run(tmp_path, model_path=str(tiny_model_dir), data_dir=str(cmmlu_dir), few_shot=2, batch_size=4)
-    assert report["split"] == "test" and report["method"] == "letter" and set(report["subjects"]) == {"anatomy", "world_history"}
+    assert (report["split"] == "test" and report["method"] == "letter"
+            and set(report["subjects"]) == {"anatomy", "world_history"})
     anatomy = report["subjects"]["anatomy"]
     assert anatomy["questions"] == 7 and anatomy["shots"] == 2 and len(anatomy["predictions"]) == 7
     assert anatomy["acc"] == sum(p == q[5] for p, q in zip(anatomy["predictions"], QUESTIONS)) / 7
@@ -173,17 +182,20 @@ def test_ceval_val_scores_and_test_writes_a_submission(tiny_model_dir, ceval_dir
     assert report["split"] == "val" and {"acc", "acc_norm", "acc_bytes"} <= set(report["subjects"]["anatomy"])
     evaluate.main(model_path=str(tiny_model_dir), data_dir=str(ceval_dir), split="test", few_shot=1,
                   output_dir=str(tmp_path / "sub"), precision="fp32")
-    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["results_ceval_test_letter_1shot.json", "submission_ceval_test_letter_1shot.json"]
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["results_ceval_test_letter_1shot.json",
+                                                                    "submission_ceval_test_letter_1shot.json"]
     submission = json.loads((tmp_path / "sub" / "submission_ceval_test_letter_1shot.json").read_text())
     assert list(submission) == ["anatomy"] and list(submission["anatomy"]) == ["0", "1", "2"]
     assert set(submission["anatomy"].values()) <= set("ABCD")
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda p: p.write_text(",Question,A,B,C,Answer\n0,q,a,b,c,A\n", encoding="utf-8"), r"test/anatomy.csv lacks the column\(s\) d"),
-    (lambda p: p.write_text(",Question,A,B,C,D,Answer\n0,q,a,b,c,d,E\n", encoding="utf-8"), r"anatomy.csv row 2 has the "
-                                                                                            r"answer 'E', which is not one of A, B, C, D"),
-    (lambda p: p.write_text(",Question,A,B,C,D,Answer\n", encoding="utf-8"), r"anatomy.csv holds a header but no questions"),
+    (lambda p: p.write_text(",Question,A,B,C,Answer\n0,q,a,b,c,A\n", encoding="utf-8"),
+     r"test/anatomy.csv lacks the column\(s\) d"),
+    (lambda p: p.write_text(",Question,A,B,C,D,Answer\n0,q,a,b,c,d,E\n", encoding="utf-8"),
+     r"anatomy.csv row 2 has the answer 'E', which is not one of A, B, C, D"),
+    (lambda p: p.write_text(",Question,A,B,C,D,Answer\n", encoding="utf-8"),
+     r"anatomy.csv holds a header but no questions"),
     (lambda p: p.write_text("", encoding="utf-8"), r"anatomy.csv is empty"),
 ])
 def test_bad_files_get_one_clear_sentence(cmmlu_dir, tmp_path, edit, message):
@@ -207,7 +219,8 @@ def test_bad_arguments(cmmlu_dir, tmp_path):
 def test_damaged_data_is_one_sentence_before_loading(cmmlu_dir, ceval_dir):
     from utils.evaluation import subject_title
 
-    (cmmlu_dir / "test" / "anatomy.csv").write_bytes(",Question,A,B,C,D,Answer\n0,\xb2\xe2\xca\xd4,a,b,c,d,A\n".encode("latin-1"))
+    (cmmlu_dir / "test" / "anatomy.csv").write_bytes(
+        ",Question,A,B,C,D,Answer\n0,\xb2\xe2\xca\xd4,a,b,c,d,A\n".encode("latin-1"))
     with pytest.raises(UserError, match=r"anatomy.csv is not UTF-8 \(byte 0xb2 at offset \d+\); re-save it as UTF-8"):
         evaluate.main(data_dir=str(cmmlu_dir), subjects="anatomy")
     (ceval_dir / "subject_mapping.json").write_text('{"anatomy": ["Anatomy", "解剖学"', encoding="utf-8")
@@ -221,14 +234,16 @@ def test_builtin_model_on_real_cmmlu_matches_the_reference(smollm2_dir, tmp_path
     from utils.evaluation import read_questions
     from utils.model import load_for_inference
 
-    report = run(tmp_path, data_dir=str(SHARED_DATA / "cmmlu"), subjects="world_history", few_shot=1, limit=3, batch_size=2)
+    report = run(tmp_path, data_dir=str(SHARED_DATA / "cmmlu"), subjects="world_history", few_shot=1, limit=3,
+                 batch_size=2)
     model, tokenizer, _, _ = load_for_inference(None, precision="fp32")
     _, questions = read_questions(SHARED_DATA / "cmmlu" / "test" / "world_history.csv")
     _, shots = read_questions(SHARED_DATA / "cmmlu" / "dev" / "world_history.csv")
     as_row = lambda q: (q.question, *q.options, q.answer)  # noqa: E731
     TITLES["cmmlu"] = "世界历史"
     try:
-        expected = ["ABCD"[int(ref_letter(model, tokenizer, ref_letter_prompt("cmmlu", [as_row(s) for s in shots[:1]], as_row(q))).argmax())]
+        expected = ["ABCD"[int(ref_letter(model, tokenizer, ref_letter_prompt("cmmlu", [as_row(s) for s in shots[:1]],
+                                                                               as_row(q))).argmax())]
                     for q in questions[:3]]
     finally:
         TITLES["cmmlu"] = "解剖学"

@@ -28,11 +28,14 @@ def test_short_run_writes_the_exact_file_set(finetune, tmp_path, tiny_model_dir)
     with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert keys and all("lora_" in k for k in keys)
-    assert {k.split(".")[-3] for k in keys} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert {k.split(".")[-3] for k in keys} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj"}
     config = json.loads((out / "run_config.json").read_text())
-    assert config["base_model_path"] == str(tiny_model_dir) and config["template"]["assistant_format"] == "{content}<|im_end|>"
+    assert (config["base_model_path"] == str(tiny_model_dir)
+            and config["template"]["assistant_format"] == "{content}<|im_end|>")
     assert config["data"]["validation_examples"] == 4 and config["lora"]["r"] == 8 and config["bits"] == 16
-    assert any("eval_loss" in h for h in json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["log_history"])
+    assert any("eval_loss" in h
+               for h in json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["log_history"])
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -72,8 +75,10 @@ def test_resumed_run_records_the_whole_runs_loss(finetune, tmp_path, logging_ste
     finetune(max_steps=5, output_dir=str(tmp_path / "full"), logging_steps=logging_steps)
     (tmp_path / "resumed").mkdir()
     shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
-    finetune(max_steps=5, output_dir=str(tmp_path / "resumed"), logging_steps=logging_steps, resume_from_checkpoint=True)
-    whole, resumed = (json.loads((tmp_path / name / "run_config.json").read_text())["training"]["train_loss"] for name in ("full", "resumed"))
+    finetune(max_steps=5, output_dir=str(tmp_path / "resumed"), logging_steps=logging_steps,
+             resume_from_checkpoint=True)
+    whole, resumed = (json.loads((tmp_path / name / "run_config.json").read_text())["training"]["train_loss"]
+                      for name in ("full", "resumed"))
     state = json.loads((tmp_path / "resumed" / "checkpoint-4" / "trainer_state.json").read_text())
     only_resumed = [h["loss"] for h in state["log_history"] if "loss" in h and h["step"] > 2]
     assert resumed == pytest.approx(whole, abs=1e-3) and abs(resumed - sum(only_resumed) / len(only_resumed)) > 1e-3
@@ -85,6 +90,16 @@ def test_refuses_to_overwrite_a_run_and_resume_without_checkpoint(finetune, tmp_
         finetune()
     with pytest.raises(UserError, match="holds no complete checkpoint-N folder"):
         finetune(output_dir=str(tmp_path / "empty"), resume_from_checkpoint=True)
+
+
+def test_data_that_truncation_empties_is_refused_before_the_model(finetune, tmp_path, monkeypatch):
+    import utils.train
+
+    monkeypatch.setattr(utils.train, "lora_for_training", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(UserError, match=r"all 18 records of --data_path were dropped: nothing to train on remained "
+                                        r"after truncation to --cutoff_len=1; raise --cutoff_len\."):
+        finetune(cutoff_len=1, data_cache=False)  # a BOS alone: no token to predict
+    assert not (tmp_path / "out").exists()
 
 
 def test_stage_pt(finetune, tmp_path):
@@ -102,7 +117,8 @@ def test_dry_run_writes_nothing(finetune, tmp_path, capsys):
 
 
 def test_unreachable_hub_id_is_one_sentence(finetune):
-    with pytest.raises(UserError, match="not in the local hub cache and --local_files_only is set; pass a local model folder or --base_model=builtin:smollm2"):
+    with pytest.raises(UserError, match="not in the local hub cache and --local_files_only is set; "
+                                        "pass a local model folder or --base_model=builtin:smollm2"):
         finetune(base_model="no-such-org/no-such-model", local_files_only=True)
 
 
@@ -115,8 +131,8 @@ def test_every_flag_is_documented_and_the_seed_flags_exist():
         assert flag in params
     doc = script.main.__doc__
     assert all(f"        {name}: " in doc for name in params), [n for n in params if f"        {n}: " not in doc]
-    proc = subprocess.run([sys.executable, str(ROOT / "finetune.py"), "--help"], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PAGER": "cat"})
+    proc = subprocess.run([sys.executable, str(ROOT / "finetune.py"), "--help"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PAGER": "cat"})
     shown = proc.stdout + proc.stderr  # fire prints help to stderr
     assert proc.returncode == 0 and "--gradient_accumulation_steps" in shown and "QLoRA" in shown
 
@@ -128,8 +144,9 @@ def test_torchrun_two_processes(tiny_model_dir, data_file, tmp_path):
     with socket.socket() as sock:  # a free port: several suites may run at once on one machine
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", str(ROOT / "finetune.py"),
-           f"--base_model={tiny_model_dir}", f"--data_path={data_file}", f"--output_dir={out}", "--max_steps=2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           str(ROOT / "finetune.py"), f"--base_model={tiny_model_dir}", f"--data_path={data_file}",
+           f"--output_dir={out}", "--max_steps=2",
            "--per_device_train_batch_size=2", "--logging_steps=1", "--precision=fp32"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -149,7 +166,8 @@ def test_accelerate_launch(tiny_model_dir, data_file, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "adapter_model.safetensors").is_file()
     # dependencies' notices that are not about the run (bitsandbytes' optional hub kernel, a deprecation peft triggers)
-    assert "Failed to load CPU gemm_4bit_forward" not in proc.stderr and "FutureWarning" not in proc.stderr, proc.stderr[-3000:]
+    assert ("Failed to load CPU gemm_4bit_forward" not in proc.stderr
+            and "FutureWarning" not in proc.stderr), proc.stderr[-3000:]
 
 
 def test_builtin_model_short_run(finetune, tmp_path):
@@ -236,8 +254,8 @@ def test_fused_lora_layers_equal_peft(tiny_model_dir, tokenizer, monkeypatch):
     def run(dtype, fast, dropout=0.0, autocast=False):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype, attn_implementation=PACKED_ATTENTION)
-        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=dropout,
-                                                 init_lora_weights=False))
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                 lora_dropout=dropout, init_lora_weights=False))
         for param in model.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
@@ -260,8 +278,10 @@ def test_fused_lora_layers_equal_peft(tiny_model_dir, tokenizer, monkeypatch):
 
     peft_loss, peft_grads, *_ = run(torch.bfloat16, fast=False, autocast=True)
     loss, grads, fused_calls, _ = run(torch.bfloat16, fast=True, autocast=True)
-    assert fused_calls == 6 and all(g.dtype == torch.float32 for g in grads) and abs(loss - peft_loss) < 0.02 * peft_loss
-    cosine = [torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item() for a, b in zip(grads, peft_grads)]
+    assert (fused_calls == 6 and all(g.dtype == torch.float32 for g in grads)
+            and abs(loss - peft_loss) < 0.02 * peft_loss)
+    cosine = [torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+              for a, b in zip(grads, peft_grads)]
     assert min(cosine) > 0.99
 
     peft_loss, peft_grads, *_ = run(torch.float32, fast=False, dropout=0.3)
@@ -302,8 +322,8 @@ def test_fused_lora_steps_aside_for_a_lora_bias(monkeypatch):
     outs = []
     for fast in (False, True):
         torch.manual_seed(0)
-        model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 24)), LoraConfig(r=4, target_modules=["0"], lora_bias=True,
-                                                                                         init_lora_weights=False))
+        model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 24)),
+                               LoraConfig(r=4, target_modules=["0"], lora_bias=True, init_lora_weights=False))
         torch.nn.init.normal_(model.base_model.model[0].lora_B["default"].bias)
         if fast:
             assert fast_lora(model) == 1
@@ -325,7 +345,8 @@ def test_fast_norms_equal_transformers(tiny_model_dir, tokenizer):
     from utils.fast.norm import LLAMA_RMS_NORMS, fast_norms
 
     batch = Collator(tokenizer.pad_token_id, packing=False)(encode_dialogs(
-        [("", [("q" * n, "answer " * (n % 5 + 1))], "") for n in (3, 11, 25)], tokenizer, load_template("auto", tokenizer))[0])
+        [("", [("q" * n, "answer " * (n % 5 + 1))], "") for n in (3, 11, 25)], tokenizer,
+        load_template("auto", tokenizer))[0])
     results = []
     for fast in (False, True):
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -339,7 +360,8 @@ def test_fast_norms_equal_transformers(tiny_model_dir, tokenizer):
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(got_grads, want_grads))
 
     for name in LLAMA_RMS_NORMS:
-        model_type = {"Qwen2Moe": "qwen2_moe", "Qwen3Moe": "qwen3_moe", "SmolLM3": "smollm3"}.get(name[:-7], name[:-7].lower())
+        model_type = {"Qwen2Moe": "qwen2_moe", "Qwen3Moe": "qwen3_moe",
+                      "SmolLM3": "smollm3"}.get(name[:-7], name[:-7].lower())
         cls = getattr(importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}"), name)
         assert inspect.getsource(cls.forward) == inspect.getsource(LlamaRMSNorm.forward), name
 
@@ -351,7 +373,8 @@ def test_dry_run_tokenizes_once_and_reports_it(finetune, tmp_path, capsys, monke
     first = capsys.readouterr().out
     finetune(dry_run=True)
     second = capsys.readouterr().out
-    assert "tokenized data: train built now from 18 records" in first and "tokenized data: train from the cache (18 examples" in second
+    assert ("tokenized data: train built now from 18 records" in first
+            and "tokenized data: train from the cache (18 examples" in second)
     assert "length histogram" in first and not (tmp_path / "out").exists()
     finetune(dry_run=True, data_path=f"{data_file},{data_file}", max_samples=20)
     assert "records read: 20, kept: 20" in capsys.readouterr().out
@@ -373,7 +396,8 @@ def test_prepare_for_training_applies_only_what_was_measured_on_the_device(tiny_
         head, on = prepare_for_training(model, device)
         layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
         if device == "cpu":
-            assert head is base.lm_head and on == ["packed attention", "loss on supervised tokens", "fused LoRA", "fused RMSNorm", "loss without logits"]
+            assert head is base.lm_head and on == ["packed attention", "loss on supervised tokens", "fused LoRA",
+                                                   "fused RMSNorm", "loss without logits"]
             assert all("forward" in vars(m) for m in layers)
         else:
             assert head is None and on == ["packed attention", "loss on supervised tokens"]

@@ -10,8 +10,9 @@ from conftest import ROOT
 from utils.errors import UserError
 from utils.flags import Checks, unknown_flags
 
-TYPOS = {"finetune.py": ("output_dri", "output_dir"), "merge_lora.py": ("dtpye", "precision"), "cli_demo.py": ("model_pth", "model_path"),
-         "gradio_ui.py": ("server_prot", "server_port"), "evaluate.py": ("data_dri", "data_dir"), "export_gguf.py": ("outtpye", "outtype")}
+TYPOS = {"finetune.py": ("output_dri", "output_dir"), "merge_lora.py": ("dtpye", "precision"),
+         "cli_demo.py": ("model_pth", "model_path"), "gradio_ui.py": ("server_prot", "server_port"),
+         "evaluate.py": ("data_dri", "data_dir"), "export_gguf.py": ("outtpye", "outtype")}
 
 
 @pytest.mark.parametrize("script", sorted(TYPOS))
@@ -22,7 +23,8 @@ def test_unknown_flag_is_refused_before_any_work(script, tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines == [f"error: --{typo} is not a flag of this script (did you mean --{meant}?); --frobnicate is not a flag of this script; "
+    assert lines == [f"error: --{typo} is not a flag of this script (did you mean --{meant}?); "
+                     "--frobnicate is not a flag of this script; "
                      "--no_such_flag is not a flag of this script; run with --help for every flag."]
     assert proc.stdout == "" and list(tmp_path.iterdir()) == []
 
@@ -31,14 +33,16 @@ def test_unknown_flags_accepts_fire_forms():
     def main(alpha: int = 1, use_cache: bool = True):
         return alpha, use_cache
 
-    assert unknown_flags(main, ["--alpha=3", "--alpha", "3", "--nouse_cache", "--use-cache", "--help", "--", "--trace"]) == []
+    assert unknown_flags(main, ["--alpha=3", "--alpha", "3", "--nouse_cache", "--use-cache", "--help", "--",
+                                "--trace"]) == []
     assert unknown_flags(main, ["--alpah=3"]) == ["--alpah is not a flag of this script (did you mean --alpha?)"]
 
 
 def test_checks_convert_and_gather_every_problem():
     c = Checks()
     assert c.integer("a", "8", 1) == 8 and c.integer("b", 8.0) == 8 and c.integer("c", None, none=True) is None
-    assert c.number("d", "1e-4", 0, above_low=True) == 1e-4 and c.boolean("e", "false") is False and c.text("f", 7) == "7"
+    assert (c.number("d", "1e-4", 0, above_low=True) == 1e-4 and c.boolean("e", "false") is False
+            and c.text("f", 7) == "7")
     assert c.problems == []
     c.integer("steps", "abc")
     c.integer("count", 8.5)
@@ -50,9 +54,11 @@ def test_checks_convert_and_gather_every_problem():
     with pytest.raises(UserError) as info:
         c.done()
     message = str(info.value)
-    for part in ("--steps must be an integer, got 'abc'", "--count must be an integer, got 8.5", "--flag_int must be an integer, got True",
+    for part in ("--steps must be an integer, got 'abc'", "--count must be an integer, got 8.5",
+                 "--flag_int must be an integer, got True",
                  "--rate must be above 0, got 0", "--dropout must be from 0 to below 1, got 1.0",
-                 "--mode must be one of linear, cosine, got 'cosin' (did you mean cosine?)", "--yes must be True or False, got 'maybe'"):
+                 "--mode must be one of linear, cosine, got 'cosin' (did you mean cosine?)",
+                 "--yes must be True or False, got 'maybe'"):
         assert part in message, (part, message)
     assert message.count("; ") == 6 and "\n" not in message
 
@@ -113,9 +119,11 @@ def test_schedulers_offered_are_transformers_own():
 
 
 def test_cli_demo_with_standard_input_closed(tmp_path):
-    proc = subprocess.run(f"{sys.executable} {ROOT / 'cli_demo.py'} <&-", shell=True, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    proc = subprocess.run(f"{sys.executable} {ROOT / 'cli_demo.py'} <&-", shell=True, capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        'error: standard input is closed; pass the question with --prompt="...", pipe it on stdin, or run in a terminal.']
+        'error: standard input is closed; pass the question with --prompt="...", pipe it on stdin, '
+        'or run in a terminal.']
 
 
 def test_gradio_refuses_a_taken_port_before_loading(tmp_path):
@@ -125,11 +133,12 @@ def test_gradio_refuses_a_taken_port_before_loading(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = subprocess.run([sys.executable, str(ROOT / "gradio_ui.py"), f"--server_port={port}"], capture_output=True, text=True,
-                              timeout=120, cwd=tmp_path)
+        proc = subprocess.run([sys.executable, str(ROOT / "gradio_ui.py"), f"--server_port={port}"],
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().splitlines() == [f"error: cannot listen on 127.0.0.1:{port} (Address already in use); pass another "
-                                                "--server_port, or leave it out to take the first free port from 7860."]
+    assert proc.stderr.strip().splitlines() == [f"error: cannot listen on 127.0.0.1:{port} (Address already in use); "
+                                                "pass another --server_port, or leave it out to take the first free "
+                                                "port from 7860."]
     assert "Serving" not in proc.stdout
 
 
@@ -137,10 +146,12 @@ def test_messages_name_the_flags_of_their_script(tmp_path):
     from utils.evaluation import subject_files
     from utils.model import resolve_model_path
 
-    with pytest.raises(UserError, match=r"--model_path='nowhere' is not an existing folder .* or --model_path=builtin:smollm2"):
+    with pytest.raises(UserError,
+                       match=r"--model_path='nowhere' is not an existing folder .* or --model_path=builtin:smollm2"):
         resolve_model_path("nowhere", flag="model_path")
     (tmp_path / "test").mkdir()
-    with pytest.raises(UserError, match=r"few-shot prompts take their examples from dev/ \(--data_dir has: test\); add it, or pass --few_shot=0"):
+    with pytest.raises(UserError, match=r"few-shot prompts take their examples from dev/ \(--data_dir has: test\); "
+                                        r"add it, or pass --few_shot=0"):
         subject_files(tmp_path, "dev")
 
 
@@ -149,17 +160,22 @@ def test_older_flag_names_are_read_as_the_current_ones():
 
     aliases = {"dtype": "precision", "overwrite": "overwrite_output_dir", "load_4bit": "use_4bit"}
     argv, problems = renamed(["--dtype=bf16", "--overwrite", "--noload_4bit", "pos", "--", "--dtype"], aliases)
-    assert argv == ["--precision=bf16", "--overwrite_output_dir", "--nouse_4bit", "pos", "--", "--dtype"] and problems == []
-    assert renamed(["--precision=fp32", "--dtype=bf16"], aliases)[1] == ["pass either --precision or its older name --dtype, not both"]
-    assert renamed(["--dtype=bf16", "--precision=fp32"], aliases)[1] == ["pass either --precision or its older name --dtype, not both"]
+    assert (argv == ["--precision=bf16", "--overwrite_output_dir", "--nouse_4bit", "pos", "--", "--dtype"]
+            and problems == [])
+    assert renamed(["--precision=fp32", "--dtype=bf16"], aliases)[1] == [
+        "pass either --precision or its older name --dtype, not both"]
+    assert renamed(["--dtype=bf16", "--precision=fp32"], aliases)[1] == [
+        "pass either --precision or its older name --dtype, not both"]
 
 
-@pytest.mark.parametrize("script,flags", [("finetune.py", ["--dry_run", "--load_4bit", "--dtype=fp32", "--overwrite=True"]),
+@pytest.mark.parametrize("script,flags", [("finetune.py", ["--dry_run", "--load_4bit", "--dtype=fp32",
+                                                           "--overwrite=True"]),
                                           ("merge_lora.py", ["--dtype=int4", "--overwrite"]),
                                           ("cli_demo.py", ["--load_8bit", "--load_4bit"])])
 def test_older_names_work_on_the_command_line(script, flags, tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / script), *flags, f"--data_path={ROOT / 'data' / 'demo.json'}"] if script == "finetune.py"
-                          else [sys.executable, str(ROOT / script), *flags], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, str(ROOT / script), *flags, f"--data_path={ROOT / 'data' / 'demo.json'}"]
+                          if script == "finetune.py" else [sys.executable, str(ROOT / script), *flags],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     if script == "finetune.py":
         assert proc.returncode == 0 and "dry run: data is valid" in proc.stdout, proc.stderr[-2000:]
     elif script == "merge_lora.py":  # read as --precision and --overwrite_output_dir: the error names the current flag

@@ -28,7 +28,8 @@ def test_prompt_is_the_training_prompt(tokenizer, name, system):
     example = encode_dialogs([(system, HISTORY + [("And a number?", "Seven.")], "")], tokenizer, template)[0][0]
     n = len(prompt.ids)
     assert example["input_ids"][:n] == prompt.ids
-    assert example["labels"][n - 1] == IGNORE and example["labels"][n:] == example["input_ids"][n:]  # the answer starts at n
+    # the answer starts at n
+    assert example["labels"][n - 1] == IGNORE and example["labels"][n:] == example["input_ids"][n:]
     assert prompt.dropped_turns == 0 and not prompt.query_trimmed and prompt.max_new_tokens == 64
 
 
@@ -58,7 +59,8 @@ def feed(tokenizer, stop_ids, stop_strings, text, then=()):
 
 
 def test_stream_stops_on_a_stop_string_and_never_shows_part_of_it(tokenizer):
-    stream, pieces = feed(tokenizer, {tokenizer.eos_token_id}, ["### Instruction:"], "Paris is the capital. ### Instruction: ignore this")
+    stream, pieces = feed(tokenizer, {tokenizer.eos_token_id}, ["### Instruction:"],
+                          "Paris is the capital. ### Instruction: ignore this")
     assert "".join(pieces) == stream.text == "Paris is the capital. " and stream.reason == "stop string"
     assert not any("#" in p for p in pieces) and len(pieces) > 2
 
@@ -97,7 +99,8 @@ def test_settings_are_checked_together():
                                 "repetition_penalty": 1.1, "no_repeat_ngram_size": 0, "do_sample": True}
     assert check_settings(temperature=0)["do_sample"] is False
     assert check_settings(max_new_tokens="20", do_sample="False")["max_new_tokens"] == 20
-    with pytest.raises(UserError, match=r"--max_new_tokens must be an integer \(at least 1\), got 'many'; --top_p must be from 0 to 1, got 1.5"):
+    with pytest.raises(UserError, match=r"--max_new_tokens must be an integer \(at least 1\), got 'many'; "
+                                        r"--top_p must be from 0 to 1, got 1.5"):
         check_settings(top_p=1.5, max_new_tokens="many")
 
 
@@ -108,7 +111,8 @@ def test_streaming_gives_what_plain_generate_gives(tiny):
     pieces = list(stream)
     ids = torch.tensor([stream.prompt.ids])
     plain = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
-                           eos_token_id=sorted(stop_token_ids(tokenizer, model, template)), pad_token_id=tokenizer.pad_token_id)
+                           eos_token_id=sorted(stop_token_ids(tokenizer, model, template)),
+                           pad_token_id=tokenizer.pad_token_id)
     expected = tokenizer.decode(plain[0, ids.shape[1]:], skip_special_tokens=True)
     assert "".join(pieces) == stream.text == expected and len(pieces) > 1
 
@@ -124,7 +128,8 @@ def test_seed_makes_sampling_reproducible(tiny):
 def test_stop_event_ends_the_answer_at_once(tiny):
     model, tokenizer, template, _ = tiny
     event = threading.Event()
-    stream = stream_chat(model, tokenizer, template, "Go on forever", settings={"max_new_tokens": 500}, seed=0, stop_event=event)
+    stream = stream_chat(model, tokenizer, template, "Go on forever", settings={"max_new_tokens": 500}, seed=0,
+                         stop_event=event)
     for _ in stream:
         event.set()
     assert stream.reason == "stopped" and len(stream.tokens) == 1  # not one forward after the event
@@ -138,7 +143,8 @@ def test_sampling_draws_what_generate_draws_for_the_same_seed(tiny):
     list(stream)
     ids = torch.tensor([stream.prompt.ids])
     torch.manual_seed(11)
-    plain = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, pad_token_id=tokenizer.pad_token_id,
+    plain = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                           pad_token_id=tokenizer.pad_token_id,
                            eos_token_id=sorted(stop_token_ids(tokenizer, model, template)), **settings)
     drawn = plain[0, ids.shape[1]:].tolist()
     assert len(stream.tokens) >= 10 and stream.tokens == drawn[:len(stream.tokens)]

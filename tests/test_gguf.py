@@ -44,7 +44,8 @@ def export(tmp_path, model_dir, outtype, **kwargs):
 
 def unpermute(w, heads):  # llama.cpp's interleaved rope pairs back to HF's halves, written independently
     d = w.shape[0] // heads
-    return np.concatenate([np.concatenate([w[h * d:(h + 1) * d][0::2], w[h * d:(h + 1) * d][1::2]]) for h in range(heads)])
+    return np.concatenate([np.concatenate([w[h * d:(h + 1) * d][0::2], w[h * d:(h + 1) * d][1::2]])
+                           for h in range(heads)])
 
 
 @pytest.mark.parametrize("outtype, atol", [("f32", 0), ("f16", 1e-3), ("bf16", 1e-2), ("q8_0", 2e-3)])
@@ -55,7 +56,8 @@ def test_tiny_export_names_types_values(tmp_path, tiny_model_dir, outtype, atol)
     reader, fields = read(path)
     names = {t.name for t in reader.tensors}
     per_layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
-    assert names == {"token_embd.weight", "output_norm.weight", "output.weight"} | {f"blk.{i}.{n}.weight" for i in range(2) for n in per_layer}
+    assert names == ({"token_embd.weight", "output_norm.weight", "output.weight"}
+                     | {f"blk.{i}.{n}.weight" for i in range(2) for n in per_layer})
     wide = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}[outtype]
     assert {t.tensor_type.name for t in reader.tensors if t.name.endswith("norm.weight")} == {"F32"}
     assert {t.tensor_type.name for t in reader.tensors if not t.name.endswith("norm.weight")} == {wide}
@@ -67,9 +69,12 @@ def test_tiny_export_names_types_values(tmp_path, tiny_model_dir, outtype, atol)
 
     hf = {k: v.float().numpy() for k, v in load_file(str(tiny_model_dir / "model.safetensors")).items()}
     got = {t.name: values(t) for t in reader.tensors}
-    np.testing.assert_allclose(unpermute(got["blk.1.attn_q.weight"], 4), hf["model.layers.1.self_attn.q_proj.weight"], atol=atol, rtol=0)
-    np.testing.assert_allclose(unpermute(got["blk.1.attn_k.weight"], 2), hf["model.layers.1.self_attn.k_proj.weight"], atol=atol, rtol=0)
-    np.testing.assert_allclose(got["blk.0.ffn_down.weight"], hf["model.layers.0.mlp.down_proj.weight"], atol=atol, rtol=0)
+    np.testing.assert_allclose(unpermute(got["blk.1.attn_q.weight"], 4), hf["model.layers.1.self_attn.q_proj.weight"],
+                               atol=atol, rtol=0)
+    np.testing.assert_allclose(unpermute(got["blk.1.attn_k.weight"], 2), hf["model.layers.1.self_attn.k_proj.weight"],
+                               atol=atol, rtol=0)
+    np.testing.assert_allclose(got["blk.0.ffn_down.weight"], hf["model.layers.0.mlp.down_proj.weight"], atol=atol,
+                               rtol=0)
     np.testing.assert_array_equal(got["output_norm.weight"], hf["model.norm.weight"])
 
 
@@ -90,9 +95,10 @@ def test_builtin_export_equals_llama_cpp_own_conversion(tmp_path, smollm2_dir):
     for t in reader.tensors:
         if t.name.startswith(("blk.0.", "blk.29.", "token_embd", "output_norm")):
             np.testing.assert_allclose(values(t), values(ref_tensors[t.name]), atol=1e-6, rtol=0, err_msg=t.name)
-    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.bos_token_id",
-                "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token", "tokenizer.ggml.model",
-                "tokenizer.chat_template", "llama.context_length", "llama.rope.freq_base", "llama.attention.head_count_kv",
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id",
+                "tokenizer.ggml.add_bos_token", "tokenizer.ggml.model", "tokenizer.chat_template",
+                "llama.context_length", "llama.rope.freq_base", "llama.attention.head_count_kv",
                 "llama.attention.layer_norm_rms_epsilon", "llama.rope.dimension_count", "llama.vocab_size"):
         assert ours[key] == ref[key], key
     # The HF tokenizer.json of the built-in folder has no digit splitting, so its llama.cpp name is gpt-2, not smollm.
@@ -107,8 +113,9 @@ def test_llama3_rope_factors_match_transformers():
     from utils.gguf_export import rope_settings
 
     config = LlamaConfig(hidden_size=256, num_attention_heads=4, max_position_embeddings=131072,
-                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 8192})
     theta, scaling, factors = rope_settings(config, 64)
     inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
     plain = 1.0 / theta ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64)
@@ -126,7 +133,8 @@ def test_bad_input(tmp_path, tiny_model_dir):
     other = tmp_path / "gpt2ish"
     other.mkdir()
     config = json.loads((tiny_model_dir / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps(config | {"model_type": "mistral", "architectures": ["MistralForCausalLM"]}))
+    (other / "config.json").write_text(json.dumps(config | {"model_type": "mistral",
+                                                            "architectures": ["MistralForCausalLM"]}))
     for f in ("tokenizer.json", "tokenizer_config.json", "model.safetensors"):
         (other / f).symlink_to(tiny_model_dir / f)
     with pytest.raises(UserError, match="LLaMA-architecture models only"):
@@ -153,7 +161,8 @@ def builtin_greedy(smollm2_dir):
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
-                    reason="llama_cpp is not importable: pip install -r requirements-dev.txt (builds llama-cpp-python, ~8 min)")
+                    reason="llama_cpp is not importable: pip install -r requirements-dev.txt "
+                           "(builds llama-cpp-python, ~8 min)")
 @pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0"])
 def test_llama_cpp_greedy_equals_transformers(tmp_path, smollm2_dir, builtin_greedy, outtype):
     from utils.gguf_export import llama_cpp_greedy
@@ -172,9 +181,11 @@ def test_llama_cpp_greedy_equals_transformers(tmp_path, smollm2_dir, builtin_gre
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama_cpp is not importable: pip install -r requirements-dev.txt")
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                    reason="llama_cpp is not importable: pip install -r requirements-dev.txt")
 def test_sentencepiece_vocab_tokenizes_in_llama_cpp_as_sentencepiece(tmp_path, tiny_model_dir):
-    """A LLaMA-2-style tokenizer.model (trained here, byte fallback on): llama.cpp splits text exactly as sentencepiece."""
+    """A LLaMA-2-style tokenizer.model (trained here, byte fallback on): llama.cpp splits text exactly as
+    sentencepiece."""
     import shutil
     from types import SimpleNamespace
 
@@ -187,8 +198,9 @@ def test_sentencepiece_vocab_tokenizes_in_llama_cpp_as_sentencepiece(tmp_path, t
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(["The quick brown fox jumps over the lazy dog. 中国的首都是北京。 12345."] * 50
                                 + [f"Hello world, a tiny corpus line {i}." for i in range(200)]), encoding="utf-8")
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "tok"), vocab_size=400, model_type="bpe",
-                                   byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2,
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "tok"), vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2,
+                                   unk_id=0, pad_id=-1, minloglevel=2,
                                    normalization_rule_name="identity", remove_extra_whitespaces=False)  # as LLaMA-2's
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok.model"))
     folder = tmp_path / "llama2ish"
@@ -198,7 +210,8 @@ def test_sentencepiece_vocab_tokenizes_in_llama_cpp_as_sentencepiece(tmp_path, t
     config = load_config(tiny_model_dir)
     tokenizer = SimpleNamespace(bos_token_id=1, eos_token_id=2, unk_token_id=0, pad_token_id=None, chat_template=None,
                                 get_added_vocab=dict, all_special_tokens=[], __call__=None)
-    tokenizer = type("Tok", (), {**vars(tokenizer), "__call__": lambda self, text: SimpleNamespace(input_ids=[1] + sp.encode(text))})()
+    tokenizer = type("Tok", (), {**vars(tokenizer),
+                                 "__call__": lambda self, text: SimpleNamespace(input_ids=[1] + sp.encode(text))})()
     write_gguf(folder, tmp_path / "spm.gguf", "f32", config, tokenizer, "spm")
     _, fields = read(tmp_path / "spm.gguf")
     assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.add_bos_token"] is True

@@ -73,7 +73,8 @@ def test_eight_sessions_at_once_each_get_their_own_answer(server):
         results = list(pool.map(ask, clients, questions))
     for question, answer, messages in zip(questions, expected, results):
         assert [m["role"] for m in messages] == ["user", "assistant"]
-        assert text_of(messages[0]) == question and text_of(messages[1]) == answer.strip(), (text_of(messages[1]), answer)
+        assert (text_of(messages[0]) == question
+                and text_of(messages[1]) == answer.strip()), (text_of(messages[1]), answer)
     again = ask(clients[3], "And then?")  # each session kept its own history, and only its own
     assert [text_of(m) for m in again[:2]] == [questions[3], expected[3].strip()] and len(again) == 4
 
@@ -95,7 +96,8 @@ def test_overlong_input_is_trimmed_and_regenerate_and_clear_work(server):
 def test_page_in_a_headless_browser(server):
     if not CHROMIUM.exists():
         pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed (pip install playwright)")
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="playwright for Python is not installed (pip install playwright)")
     url = server[0]
     bot, user = "#chatbot [data-testid='bot']", "#chatbot [data-testid='user']"
     with sync_api.sync_playwright() as p:
@@ -152,7 +154,8 @@ def test_main_honours_server_name_port_and_auth(tiny_model_dir):
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "gradio_ui.py"), "--model_path", str(tiny_model_dir), "--precision=fp32",
          "--server_name=127.0.0.1", f"--server_port={port}", "--auth=alice:secret", "--max_new_tokens=8"],
-        cwd="/", env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd="/", env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + 90
@@ -167,7 +170,8 @@ def test_main_honours_server_name_port_and_auth(tiny_model_dir):
         listening = {c.laddr for c in psutil.Process(proc.pid).net_connections() if c.status == psutil.CONN_LISTEN}
         assert listening == {("127.0.0.1", port)}
         assert httpx.get(url + "config", timeout=5).status_code == 401  # the login is enforced
-        messages = Client(url, auth=("alice", "secret"), verbose=False).predict("hi", "", *GREEDY.values(), api_name="/chat")[0]
+        messages = Client(url, auth=("alice", "secret"), verbose=False).predict("hi", "", *GREEDY.values(),
+                                                                                api_name="/chat")[0]
         assert len(messages) == 2
     finally:
         proc.terminate()

@@ -52,7 +52,8 @@ def test_quantized_read_goes_through_transformers_safe_open(tiny_model_dir, caps
 
     with _loading_to_quantize(None) as opened:
         load_model(tiny_model_dir, torch.float32, 4)
-    assert [Path(p).name for p in opened][:1] == ["model.safetensors"] and "did not apply" not in capsys.readouterr().err
+    assert ([Path(p).name for p in opened][:1] == ["model.safetensors"]
+            and "did not apply" not in capsys.readouterr().err)
     with _loading_to_quantize(None):  # a load that opens no shard through it, as after a change in transformers
         pass
     assert "the memory-saving read of quantized shards did not apply" in capsys.readouterr().err
@@ -89,10 +90,13 @@ with returning_freed_memory() if {returning} else contextlib.nullcontext():
 def test_returning_freed_memory_stops_the_heap_holding_temporaries():
     def growth(returning):
         script = FRAGMENTING.format(root=str(ROOT), returning=returning)
-        return map(int, subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split())
+        return map(int, subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                       check=True).stdout.split())
 
     held, kept = growth(False)
     if held < kept + 16:
-        pytest.skip(f"this glibc held no freed temporaries by itself ({held} MB for {kept} MB kept); nothing to compare against")
+        pytest.skip(f"this glibc held no freed temporaries by itself ({held} MB for {kept} MB kept); "
+                    "nothing to compare against")
     returned, kept = growth(True)
-    assert returned < kept + 16, f"{returned - kept} MB of freed temporaries stayed resident ({held - kept} MB without returning_freed_memory)"
+    assert returned < kept + 16, (f"{returned - kept} MB of freed temporaries stayed resident "
+                                  f"({held - kept} MB without returning_freed_memory)")

@@ -24,9 +24,10 @@ def tiny_llama(path, tokenizer, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(1)
-    config = LlamaConfig(**{**dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, bos_token_id=tokenizer.bos_token_id,
-                                   eos_token_id=tokenizer.eos_token_id), **overrides})
+    config = LlamaConfig(**{**dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
+                            **overrides})
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -51,7 +52,8 @@ def sharded_dir(tmp_path_factory, tiny_model_dir):
 def bin_dir(tmp_path_factory, tiny_model_dir):
     from safetensors.torch import load_file
 
-    path = tmp_path_factory.mktemp("pickled-base")  # the older layout: pytorch_model.bin (transformers 5 no longer writes it)
+    # the older layout: pytorch_model.bin (transformers 5 no longer writes it)
+    path = tmp_path_factory.mktemp("pickled-base")
     torch.save(load_file(str(tiny_model_dir / "model.safetensors")), path / "pytorch_model.bin")
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_model_dir / name, path)
@@ -103,7 +105,8 @@ CASES = {
     "attention": dict(target_modules=["q_proj", "v_proj"]),
     "all_and_modules_to_save": dict(target_modules=ALL, modules_to_save=["embed_tokens", "lm_head"]),
     "rslora": dict(target_modules=ALL, use_rslora=True, r=8, lora_alpha=4),
-    "patterns": dict(target_modules=ALL, rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6}, alpha_pattern={"v_proj": 32}),
+    "patterns": dict(target_modules=ALL, rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6},
+                     alpha_pattern={"v_proj": 32}),
     "dora": dict(target_modules=["q_proj", "down_proj"], use_dora=True),
     "lora_on_embeddings": dict(target_modules=["embed_tokens", "q_proj"]),
     "tied_lora_on_lm_head": dict(base="tied", target_modules=["q_proj", "lm_head"]),
@@ -120,13 +123,16 @@ def test_merged_logits_equal_peft(case, tmp_path, tiny_model_dir, tied_dir, shar
     lora = dict(CASES[case])
     base = {"tied": tied_dir, "sharded": sharded_dir, "bin": bin_dir}.get(lora.pop("base", None), tiny_model_dir)
     adapter = make_adapter(base, tmp_path / "adapter", **lora)
-    merge_lora.main(lora_model=str(adapter), output_dir=str(tmp_path / "merged"), no_verify=True, allow_pickle=not lora.get("safe", True))
+    merge_lora.main(lora_model=str(adapter), output_dir=str(tmp_path / "merged"), no_verify=True,
+                    allow_pickle=not lora.get("safe", True))
     expected, plain = peft_logits(base, adapter, lora.get("resize", 0))
     got = merged_logits(tmp_path / "merged")
-    assert (expected[..., :plain.shape[-1]] - plain).abs().max() > 1e-3  # the adapter changes the answer: equality below means something
+    # the adapter changes the answer: equality below means something
+    assert (expected[..., :plain.shape[-1]] - plain).abs().max() > 1e-3
     assert (got - expected).abs().max().item() < 1e-5
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
-    assert config["vocab_size"] == got.shape[-1] == json.loads((base / "config.json").read_text())["vocab_size"] + lora.get("resize", 0)
+    assert config["vocab_size"] == got.shape[-1] == (json.loads((base / "config.json").read_text())["vocab_size"]
+                                                     + lora.get("resize", 0))
     if case.startswith("tied"):
         assert config["tie_word_embeddings"] is False
 
@@ -136,8 +142,9 @@ def test_output_files_provenance_and_verification(tmp_path, tiny_model_dir, caps
     out = tmp_path / "merged"
     merge_lora.main(lora_model=str(adapter), output_dir=str(out), precision="bf16")
     assert sorted(p.name for p in out.iterdir()) == sorted([
-        "chat_template.jinja", "config.json", "generation_config.json", "merge_info.json", "model-00001-of-00001.safetensors",
-        "model.safetensors.index.json", "run_config.json", "tokenizer.json", "tokenizer_config.json"])
+        "chat_template.jinja", "config.json", "generation_config.json", "merge_info.json",
+        "model-00001-of-00001.safetensors", "model.safetensors.index.json", "run_config.json", "tokenizer.json",
+        "tokenizer_config.json"])
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     info = json.loads((out / "merge_info.json").read_text())
     assert info["base_model"] == str(tiny_model_dir) and info["adapter"] == str(adapter) and info["date"]
@@ -166,13 +173,15 @@ def test_killed_merge_leaves_no_output(tmp_path, sharded_dir):
             f"import merge_lora; merge_lora.main(lora_model={str(adapter)!r}, output_dir={str(out)!r}, no_verify=True)")
     proc = subprocess.Popen([sys.executable, "-c", slow], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
-    while not any(tmp_path.glob(".merged.merging-*/model-00002-*.safetensors")) and time.time() < deadline and proc.poll() is None:
+    while (not any(tmp_path.glob(".merged.merging-*/model-00002-*.safetensors")) and time.time() < deadline
+           and proc.poll() is None):
         time.sleep(0.02)
     assert proc.poll() is None, "the merge finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not out.exists()
-    merge_lora.main(lora_model=str(adapter), output_dir=str(out), no_verify=True)  # a rerun succeeds and sweeps the leftover
+    # a rerun succeeds and sweeps the leftover
+    merge_lora.main(lora_model=str(adapter), output_dir=str(out), no_verify=True)
     assert (out / "model.safetensors.index.json").is_file() and not list(tmp_path.glob(".merged.merging-*"))
 
 
@@ -191,7 +200,8 @@ def bad_inputs(tmp_path, tiny_model_dir, smollm2_dir, tokenizer, adapter_dir, bi
     quantized = tmp_path / "quantized"
     quantized.mkdir()
     config = json.loads((tiny_model_dir / "config.json").read_text())
-    (quantized / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}))
+    (quantized / "config.json").write_text(json.dumps(
+        {**config, "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}))
     small_vocab = tiny_llama(tmp_path / "small-vocab", tokenizer, vocab_size=1000)
     with_tokenizer = tmp_path / "with-tokenizer"
     shutil.copytree(adapter_dir, with_tokenizer)
@@ -205,7 +215,8 @@ def bad_inputs(tmp_path, tiny_model_dir, smollm2_dir, tokenizer, adapter_dir, bi
         (dict(lora_model=str(tmp_path)), "holds no adapter_config.json"),
         (dict(base_model=str(smollm2_dir)), r"LoRA update for model.layers.0.self_attn.q_proj.weight has shape \[64, "
                                             r"64\] but the base tensor has \[576, 576\]"),
-        (dict(lora_model=str(with_tokenizer), base_model=str(small_vocab)), "has 49152 tokens but the merged model.embed_tokens.weight has 1000 rows"),
+        (dict(lora_model=str(with_tokenizer), base_model=str(small_vocab)),
+         "has 49152 tokens but the merged model.embed_tokens.weight has 1000 rows"),
         (dict(lora_model=str(empty)), "holds no lora_ weights"),
         (dict(precision="int4"), "--precision must be one of auto, bf16, fp16, fp32, got 'int4'"),
         (dict(no_verify="maybe"), "--no_verify must be True or False, got 'maybe'"),
@@ -218,8 +229,8 @@ def bad_inputs(tmp_path, tiny_model_dir, smollm2_dir, tokenizer, adapter_dir, bi
     ]
 
 
-def test_every_bad_input_is_one_sentence_and_writes_nothing(tmp_path, tiny_model_dir, smollm2_dir, tokenizer, adapter_dir, bin_dir,
-                                                            monkeypatch):
+def test_every_bad_input_is_one_sentence_and_writes_nothing(tmp_path, tiny_model_dir, smollm2_dir, tokenizer,
+                                                            adapter_dir, bin_dir, monkeypatch):
     cases = bad_inputs(tmp_path, tiny_model_dir, smollm2_dir, tokenizer, adapter_dir, bin_dir)
     before = sorted(p.name for p in tmp_path.iterdir())
     for kwargs, message in cases:
@@ -228,18 +239,20 @@ def test_every_bad_input_is_one_sentence_and_writes_nothing(tmp_path, tiny_model
             merge_lora.main(**kwargs)
     import utils.merge
 
-    monkeypatch.setattr(utils.merge.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
+    monkeypatch.setattr(utils.merge.shutil, "disk_usage",
+                        lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
     with pytest.raises(UserError, match=r"has 0.00 GiB free but the merged model needs 0.\d\d GiB; free some space"):
         merge_lora.main(lora_model=str(adapter_dir), output_dir=str(tmp_path / "merged"))
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, no temporary folder left
 
 
 def test_cli_error_exits_2_with_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "merge_lora.py"), f"--lora_model={tmp_path / 'nope'}", f"--output_dir={tmp_path / 'm'}"],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, str(ROOT / "merge_lora.py"), f"--lora_model={tmp_path / 'nope'}",
+                           f"--output_dir={tmp_path / 'm'}"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
-        f"error: --lora_model={tmp_path / 'nope'} is not a folder; pass a finetune.py output folder, a checkpoint-N folder or a PEFT adapter folder."]
+        f"error: --lora_model={tmp_path / 'nope'} is not a folder; "
+        "pass a finetune.py output folder, a checkpoint-N folder or a PEFT adapter folder."]
     assert not (tmp_path / "m").exists()
 
 
@@ -247,16 +260,19 @@ def test_every_flag_is_documented():
     import inspect
 
     params = inspect.signature(merge_lora.main).parameters
-    assert {"lora_model", "output_dir", "base_model", "precision", "overwrite_output_dir", "no_verify", "allow_pickle", "qlora_base"} <= set(params)
+    assert {"lora_model", "output_dir", "base_model", "precision", "overwrite_output_dir", "no_verify", "allow_pickle",
+            "qlora_base"} <= set(params)
     assert all(f"        {name}: " in merge_lora.main.__doc__ for name in params)
 
 
 def test_qlora_adapter_merges_onto_the_dequantized_base(finetune, tmp_path):
     finetune(use_4bit=True, output_dir=str(tmp_path / "q"), learning_rate=1e-2)
-    merge_lora.main(lora_model=str(tmp_path / "q" / "checkpoint-2"), output_dir=str(tmp_path / "nf4"))  # automatic: 4-bit run
+    # automatic: 4-bit run
+    merge_lora.main(lora_model=str(tmp_path / "q" / "checkpoint-2"), output_dir=str(tmp_path / "nf4"))
     merge_lora.main(lora_model=str(tmp_path / "q"), output_dir=str(tmp_path / "plain"), qlora_base=False)
     nf4, plain = (json.loads((tmp_path / n / "merge_info.json").read_text()) for n in ("nf4", "plain"))
-    assert nf4["qlora_base"] == "float32" and "NF4-dequantized" in nf4["verification"]["mode"] and plain["qlora_base"] is None
+    assert (nf4["qlora_base"] == "float32" and "NF4-dequantized" in nf4["verification"]["mode"]
+            and plain["qlora_base"] is None)
     for info in (nf4, plain):  # each equals base + adapter through PEFT on the base it merged onto
         assert info["verification"]["max_abs_logit_diff"] < 1e-5 and info["verification"]["greedy_agreement"] == 1.0
     assert (merged_logits(tmp_path / "nf4") - merged_logits(tmp_path / "plain")).abs().max() > 1e-3
@@ -274,7 +290,8 @@ def test_real_finetune_adapter_on_the_builtin_model(finetune, tmp_path, smollm2_
     out = tmp_path / "merged"
     merge_lora.main(lora_model=str(tmp_path / "out"), output_dir=str(out), no_verify=True)
     tokenizer = load_tokenizer(out)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "who are you?"}], add_generation_prompt=True, return_tensors="pt")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "who are you?"}], add_generation_prompt=True,
+                                           return_tensors="pt")
     prompt = prompt["input_ids"] if not torch.is_tensor(prompt) else prompt
 
     def answer(model):
@@ -287,7 +304,9 @@ def test_real_finetune_adapter_on_the_builtin_model(finetune, tmp_path, smollm2_
     from safetensors import safe_open
 
     name = "model.layers.0.self_attn.q_proj.weight"
-    with safe_open(str(out / "model-00001-of-00001.safetensors"), "pt") as f, safe_open(str(smollm2_dir / "model.safetensors"), "pt") as g:
+    with (safe_open(str(out / "model-00001-of-00001.safetensors"), "pt") as f,
+          safe_open(str(smollm2_dir / "model.safetensors"), "pt") as g):
         assert not torch.equal(f.get_tensor(name), g.get_tensor(name))  # the trained update is in the merged weights
     config = read_run_config(out)
-    assert config["template"] == read_run_config(tmp_path / "out")["template"] and config["merged_from"]["base_model"] == "builtin:smollm2"
+    assert (config["template"] == read_run_config(tmp_path / "out")["template"]
+            and config["merged_from"]["base_model"] == "builtin:smollm2")

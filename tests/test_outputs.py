@@ -26,7 +26,8 @@ def test_full_disk_is_one_sentence_and_leaves_nothing(tmp_path):
         tmp.write_bytes(b"x" * 1024)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(UserError, match=r"could not write .*out.gguf \(No space left on device\); free some disk space or pass another --output\."):
+    with pytest.raises(UserError, match=r"could not write .*out.gguf \(No space left on device\); "
+                                        r"free some disk space or pass another --output\."):
         with atomic_path(tmp_path / "out.gguf", "output") as tmp:
             fill_the_disk(tmp)
     assert list(tmp_path.iterdir()) == []
@@ -85,7 +86,8 @@ def test_finetune_full_disk_at_a_checkpoint_removes_it(finetune, tmp_path, monke
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Trainer, "_save_rng_state", full_disk)
-    with pytest.raises(UserError, match=r"writing to .*out failed \(No space left on device\); removed the cut-short checkpoint-2; "
+    with pytest.raises(UserError, match=r"writing to .*out failed \(No space left on device\); "
+                                        r"removed the cut-short checkpoint-2; "
                                         r"free some disk space, then continue with --resume_from_checkpoint=True\."):
         finetune(max_steps=4)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
@@ -98,9 +100,11 @@ def test_finetune_full_disk_at_the_final_save_replaces_nothing(finetune, tmp_pat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(script, "write_run_config", full_disk)
-    with pytest.raises(UserError, match=r"saving the adapter into .*out failed \(No space left on device\); nothing was replaced"):
+    with pytest.raises(UserError,
+                       match=r"saving the adapter into .*out failed \(No space left on device\); nothing was replaced"):
         finetune(max_steps=2)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-2"]  # complete: a resume can go on from it
+    # complete: a resume can go on from it
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-2"]
 
 
 def test_resume_passes_over_a_cut_short_checkpoint(finetune, tmp_path, capsys):
@@ -108,9 +112,11 @@ def test_resume_passes_over_a_cut_short_checkpoint(finetune, tmp_path, capsys):
     (tmp_path / "out" / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 4, "log_hist')  # cut short
     capsys.readouterr()
     finetune(max_steps=4, resume_from_checkpoint=True)
-    assert "resuming from checkpoint-2; passed over checkpoint-4, cut short by an earlier run" in capsys.readouterr().out
+    assert ("resuming from checkpoint-2; passed over checkpoint-4, cut short by an earlier run"
+            in capsys.readouterr().out)
     not_a_checkpoint = tmp_path / "notes"
     not_a_checkpoint.mkdir()
-    with pytest.raises(UserError, match=r"--resume_from_checkpoint: .*notes is not a complete checkpoint \(it lacks adapter_model.safetensors, "
+    with pytest.raises(UserError, match=r"--resume_from_checkpoint: .*notes is not a complete checkpoint "
+                                        r"\(it lacks adapter_model.safetensors, "
                                         r"adapter_config.json, optimizer.pt, scheduler.pt, trainer_state.json\)"):
         finetune(max_steps=4, resume_from_checkpoint=str(not_a_checkpoint))

@@ -13,10 +13,13 @@ from utils.errors import UserError
 from utils.records import data_files, iter_records, json_records, read_dialogs
 
 TRICKY = [
-    {"instruction": "brackets ] [ } { and \"quotes\", commas, and a \\ backslash", "input": "", "output": "[{\"x\": 1}]"},
+    {"instruction": "brackets ] [ } { and \"quotes\", commas, and a \\ backslash", "input": "",
+     "output": "[{\"x\": 1}]"},
     {"instruction": "unicode 你好，世界 🌍 café", "output": "\u00e9\u4e2d\U0001F600 escapes \\u0041 \n\t\r"},
-    {"instruction": "numbers", "output": "ok", "n": [1, -2.5e-3, 1e308, 0, 123456789012345678901234567890], "flags": [True, False, None]},
-    {"messages": [{"role": "user", "content": "nested {\"a\": [1, {\"b\": \"]\"}]}"}, {"role": "assistant", "content": "fine"}]},
+    {"instruction": "numbers", "output": "ok", "n": [1, -2.5e-3, 1e308, 0, 123456789012345678901234567890],
+     "flags": [True, False, None]},
+    {"messages": [{"role": "user", "content": "nested {\"a\": [1, {\"b\": \"]\"}]}"},
+                  {"role": "assistant", "content": "fine"}]},
     {"instruction": "x" * 3000, "output": "long " * 500},
 ]
 
@@ -78,11 +81,16 @@ def test_pt_texts_from_txt_and_json(tmp_path):
 
 BAD_INPUTS = [
     ("missing.json", None, "does not exist"),
-    ("bad.json", '[{"instruction": "a", "output": "b"},', r"bad.json: invalid JSON at line 1, column 38 \(Expecting value\)"),
-    ("bad.json", '[{"instruction": "a", "output": "b"}', r"bad.json: invalid JSON at line 1, column 37 \(the list is not closed\)"),
-    ("bad.json", '[{"instruction": "a", "output": "b"},]', r"bad.json: invalid JSON at line 1, column 38 \(a comma before '\]'\)"),
-    ("bad.json", '[{"instruction": "a", "output": "b"}] x', r"bad.json: invalid JSON at line 1, column 39 \(extra data after the list\)"),
-    ("bad.json", '[\n{"instruction": "a",\n "output": "b" "x"}]', r"bad.json: invalid JSON at line 3, column 16 \(Expecting ',' delimiter\)"),
+    ("bad.json", '[{"instruction": "a", "output": "b"},',
+     r"bad.json: invalid JSON at line 1, column 38 \(Expecting value\)"),
+    ("bad.json", '[{"instruction": "a", "output": "b"}',
+     r"bad.json: invalid JSON at line 1, column 37 \(the list is not closed\)"),
+    ("bad.json", '[{"instruction": "a", "output": "b"},]',
+     r"bad.json: invalid JSON at line 1, column 38 \(a comma before '\]'\)"),
+    ("bad.json", '[{"instruction": "a", "output": "b"}] x',
+     r"bad.json: invalid JSON at line 1, column 39 \(extra data after the list\)"),
+    ("bad.json", '[\n{"instruction": "a",\n "output": "b" "x"}]',
+     r"bad.json: invalid JSON at line 3, column 16 \(Expecting ',' delimiter\)"),
     ("bad.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": ', r"bad.jsonl: line 2 is not valid JSON"),
     ("bad.json", '[{"instruction": "a", "output": "b"}, {"instruction": "a"}]', r'record 2: "output" is missing'),
     ("bad.json", '[{"instruction": 3, "output": "b"}]', r'record 1: "instruction" is a int, not a string'),
@@ -90,11 +98,14 @@ BAD_INPUTS = [
     ("bad.json", "", "expected a JSON list of records, found an empty file"),
     ("bad.json", '"text"', "expected a JSON list of records, found a string"),
     ("bad.json", '[{"instruction": "a", "output": "  "}]', r'record 1: "output" is empty'),
-    ("bad.json", '[{"instruction": "a", "output": "b", "history": [["only one"]]}]', r'record 1: "history" must be a list of \[question, answer\]'),
+    ("bad.json", '[{"instruction": "a", "output": "b", "history": [["only one"]]}]',
+     r'record 1: "history" must be a list of \[question, answer\]'),
     ("bad.json", '[{"messages": [{"role": "user", "content": "a"}]}]', r'record 1: "messages" must alternate'),
-    ("bad.json", '[{"messages": [{"role": "system", "content": "a"}]}]', r'record 1: "messages" holds only a system message; add a user message'),
+    ("bad.json", '[{"messages": [{"role": "system", "content": "a"}]}]',
+     r'record 1: "messages" holds only a system message; add a user message'),
     ("bad.json", '{"instruction": "a", "output": "b"}', "expected a JSON list of records, found a dict"),
-    ("bad.json", '{\n  "instruction": "a",\n  "output": "b"\n}', "expected a JSON list of records, found an object; wrap the records"),
+    ("bad.json", '{\n  "instruction": "a",\n  "output": "b"\n}',
+     "expected a JSON list of records, found an object; wrap the records"),
     ("bad.json", b'[{"instruction": "\xff\xfe", "output": "b"}]', r"bad.json: line 1 is not UTF-8"),
 ]
 
@@ -121,11 +132,13 @@ def test_bad_record_deep_in_a_large_file_is_named_and_nothing_is_written(tmp_pat
     from utils.model import builtin_path
 
     env = {**os.environ, "LORA_KIT_CACHE": str(cache)}
-    proc = subprocess.run([sys.executable, str(ROOT / "finetune.py"), f"--base_model={builtin_path()}", f"--data_path={bad}",
-                           f"--output_dir={out}", "--preprocessing_num_workers=2"], capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run([sys.executable, str(ROOT / "finetune.py"), f"--base_model={builtin_path()}",
+                           f"--data_path={bad}", f"--output_dir={out}", "--preprocessing_num_workers=2"],
+                          capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines == [f'error: {bad}: record 19 876: "output" is empty; give every record a non-empty "output", or remove the record.']
+    assert lines == [f'error: {bad}: record 19 876: "output" is empty; '
+                     'give every record a non-empty "output", or remove the record.']
     assert not out.exists()
     assert [p.name for p in (cache / "data").iterdir() if not p.name.endswith(".lock")] == []
 
@@ -139,5 +152,6 @@ def test_cli_bad_input_exits_2_without_traceback_or_output(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines == [f'error: {bad}: record 1: "output" is empty; give every record a non-empty "output", or remove the record.']
+    assert lines == [f'error: {bad}: record 1: "output" is empty; '
+                     'give every record a non-empty "output", or remove the record.']
     assert not out.exists()

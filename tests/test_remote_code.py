@@ -23,9 +23,10 @@ def remote_model_dir(tmp_path_factory, tokenizer):
     spec = importlib.util.spec_from_file_location("modeling_pack_fixture", folder / "modeling_pack.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.PackConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                               pad_token_id=tokenizer.pad_token_id)
-    config.auto_map = {"AutoConfig": "modeling_pack.PackConfig", "AutoModelForCausalLM": "modeling_pack.PackForCausalLM"}
+    config = module.PackConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config.auto_map = {"AutoConfig": "modeling_pack.PackConfig",
+                       "AutoModelForCausalLM": "modeling_pack.PackForCausalLM"}
     torch.manual_seed(0)
     module.PackForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -35,10 +36,12 @@ def remote_model_dir(tmp_path_factory, tokenizer):
 def test_refused_without_the_flag_before_any_work(remote_model_dir, tmp_path):
     data = tmp_path / "d.json"
     data.write_text(json.dumps(RECORDS), encoding="utf-8")
-    proc = subprocess.run([sys.executable, str(ROOT / "finetune.py"), f"--base_model={remote_model_dir}", f"--data_path={data}",
-                           f"--output_dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    proc = subprocess.run([sys.executable, str(ROOT / "finetune.py"), f"--base_model={remote_model_dir}",
+                           f"--data_path={data}", f"--output_dir={tmp_path / 'out'}"],
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert proc.returncode == 2 and proc.stdout == "", proc.stderr
-    assert proc.stderr.strip().splitlines() == [f"error: {remote_model_dir} ships its own model code (modeling_pack.py); read it, "
+    assert proc.stderr.strip().splitlines() == [f"error: {remote_model_dir} ships its own model code "
+                                                "(modeling_pack.py); read it, "
                                                 "then pass --trust_remote_code=True to run it."]
     assert not (tmp_path / "out").exists()
 
@@ -49,13 +52,15 @@ def test_trained_merged_and_chatted_with_when_trusted(remote_model_dir, tmp_path
     import merge_lora
 
     out = tmp_path / "out"
-    finetune.main(base_model=str(remote_model_dir), data_path=str(ROOT / "data" / "demo.json"), output_dir=str(out), max_steps=2,
-                  save_steps=2, cutoff_len=64, precision="fp32", trust_remote_code=True)
+    finetune.main(base_model=str(remote_model_dir), data_path=str(ROOT / "data" / "demo.json"), output_dir=str(out),
+                  max_steps=2, save_steps=2, cutoff_len=64, precision="fp32", trust_remote_code=True)
     printed = capfd.readouterr()
-    assert f"warning: --trust_remote_code runs modeling_pack.py from {remote_model_dir} with your permissions." in printed.err
+    assert (f"warning: --trust_remote_code runs modeling_pack.py from {remote_model_dir} with your permissions."
+            in printed.err)
     assert "packing off: the model's own code does not keep packed examples apart" in printed.out
     run_config = json.loads((out / "run_config.json").read_text())
-    assert run_config["trust_remote_code"] is True and "W_pack" in run_config["lora"]["target_modules"]  # Baichuan's fused q/k/v
+    # Baichuan's fused q/k/v
+    assert run_config["trust_remote_code"] is True and "W_pack" in run_config["lora"]["target_modules"]
 
     merge_lora.main(lora_model=str(out), output_dir=str(tmp_path / "merged"))  # follows the run config
     info = json.loads((tmp_path / "merged" / "merge_info.json").read_text())

@@ -9,6 +9,7 @@ import pytest
 from conftest import RECORDS
 from utils import token_store
 from utils.data import Encoder, encode_dialogs, encode_texts
+from utils.errors import UserError
 from utils.records import data_files, read_dialogs
 from utils.templates import load_template
 from utils.token_store import TokenStore, cache_key, tokenized
@@ -58,21 +59,28 @@ def test_store_equals_fresh_encoding(tmp_path, tokenizer, varied_file, monkeypat
         assert as_lists(store) == [(e["input_ids"], e["labels"]) for e in expected]
         assert store.lengths().tolist() == [len(e["input_ids"]) for e in expected]
     assert built.meta["dtype"] == "uint16"  # SmolLM2's 49k vocabulary fits in two bytes a token
-    nothing_left = tokenized(files, Encoder(tokenizer, "sft", template, 1), {"cutoff_len": 1}, workers=workers, folder=tmp_path / "cache")
-    assert len(nothing_left) == 0 and nothing_left.stats == encode_dialogs(read_dialogs(varied_file), tokenizer, template, 1)[1]
+    one = Encoder(tokenizer, "sft", template, 1)
+    nothing_left = token_store._stored(files, one, {"cutoff_len": 1}, True, workers, None, "data_path",
+                                       tmp_path / "cache")
+    assert (len(nothing_left) == 0
+            and nothing_left.stats == encode_dialogs(read_dialogs(varied_file), tokenizer, template, 1)[1])
     assert nothing_left.stats["dropped"] == 600
+    with pytest.raises(UserError, match="all 600 records of --data_path were dropped"):
+        tokenized(files, one, {"cutoff_len": 1}, workers=workers, folder=tmp_path / "cache")
 
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_pt_store_equals_encode_texts(tmp_path, tokenizer, monkeypatch, workers):
-    """--stage pt: blocks cut from the stream of all documents, across batches and workers, as encode_texts cuts them."""
+    """--stage pt: blocks cut from the stream of all documents, across batches and workers, as encode_texts cuts
+    them."""
     monkeypatch.setattr(token_store, "MIN_BYTES_FOR_WORKERS", 0)
     monkeypatch.setattr(token_store, "BATCH", 23)
     texts = [f"paragraph {i} " + "words " * (i % 30) for i in range(200)]
     path = tmp_path / "pt.txt"
     path.write_text("\n".join(texts) + "\n", encoding="utf-8")
     expected, stats = encode_texts(texts, tokenizer, block_size=64)
-    store = tokenized(data_files(path, (".txt",)), Encoder(tokenizer, "pt", block_size=64), {"block_size": 64}, cache=False, workers=workers)
+    store = tokenized(data_files(path, (".txt",)), Encoder(tokenizer, "pt", block_size=64), {"block_size": 64},
+                      cache=False, workers=workers)
     assert store.stats == stats and as_lists(store) == [(e["input_ids"], e["labels"]) for e in expected]
     folder = store.folder
     del store
@@ -93,7 +101,8 @@ def test_max_samples_takes_the_first_records_and_keys_the_cache(tmp_path, tokeni
 def test_subset_and_pickle_map_the_same_files(tmp_path, tokenizer, varied_file):
     import pickle
 
-    store = tokenized(data_files(varied_file, SUFFIXES), Encoder(tokenizer, "sft", load_template("auto", tokenizer), 96), {}, folder=tmp_path)
+    store = tokenized(data_files(varied_file, SUFFIXES),
+                      Encoder(tokenizer, "sft", load_template("auto", tokenizer), 96), {}, folder=tmp_path)
     view = store.subset(np.array([5, 2, 9]))
     assert as_lists(view) == [as_lists(store)[i] for i in (5, 2, 9)]
     copy = pickle.loads(pickle.dumps(view))
@@ -129,7 +138,8 @@ def test_two_processes_build_once(tmp_path, smollm2_dir, varied_file):
     files = data_files(varied_file, SUFFIXES)
     ctx = multiprocessing.get_context("spawn")
     queues = [ctx.Queue() for _ in range(2)]
-    procs = [ctx.Process(target=_open_in_process, args=(tmp_path / "cache", files, str(smollm2_dir), q)) for q in queues]
+    procs = [ctx.Process(target=_open_in_process, args=(tmp_path / "cache", files, str(smollm2_dir), q))
+             for q in queues]
     for p in procs:
         p.start()
     results = [q.get(timeout=240) for q in queues]
@@ -141,7 +151,8 @@ def test_two_processes_build_once(tmp_path, smollm2_dir, varied_file):
 
 
 def test_store_reads_the_layout_it_documents(tmp_path, tokenizer, varied_file):
-    store = tokenized(data_files(varied_file, SUFFIXES), Encoder(tokenizer, "sft", load_template("auto", tokenizer), 96), {}, folder=tmp_path)
+    store = tokenized(data_files(varied_file, SUFFIXES),
+                      Encoder(tokenizer, "sft", load_template("auto", tokenizer), 96), {}, folder=tmp_path)
     files = sorted(p.name for p in store.folder.iterdir())
     assert files == ["ids.bin", "mask.bin", "meta.json", "offsets.npy"]
     assert (store.folder / "ids.bin").stat().st_size == 2 * store.meta["tokens"]
@@ -152,8 +163,8 @@ def test_store_reads_the_layout_it_documents(tmp_path, tokenizer, varied_file):
 def test_bulk_tokenizing_equals_the_tokenizer_call(tokenizer):
     """Encoder.for_bulk calls the Rust backend directly; it must give exactly what the transformers call gives,
     special tokens, whitespace runs, Chinese and emoji included, and step aside for split_special_tokens."""
-    texts = ["<|im_start|>user\nHi<|im_end|>\n", "  two  spaces\n\n\nthree newlines\t", "你好，世界！🌍 café 12345", "", "x" * 5000,
-             "<|endoftext|>inside<|im_end|>text"]
+    texts = ["<|im_start|>user\nHi<|im_end|>\n", "  two  spaces\n\n\nthree newlines\t", "你好，世界！🌍 café 12345", "",
+             "x" * 5000, "<|endoftext|>inside<|im_end|>text"]
     bulk = Encoder(tokenizer, "sft", load_template("auto", tokenizer)).for_bulk()
     assert bulk.backend is not None
     assert bulk.tokenize(texts) == tokenizer(texts, add_special_tokens=False)["input_ids"]

@@ -104,7 +104,8 @@ class Encoder:
             pos += len(segs)
             if self.cutoff_len and len(ids) > self.cutoff_len:
                 stats["truncated"] += 1
-                ids, labels = _truncate(ids, labels, answer_start if answer_start is not None else len(ids), self.cutoff_len, len(bos), eos_id)
+                ids, labels = _truncate(ids, labels, answer_start if answer_start is not None else len(ids),
+                                        self.cutoff_len, len(bos), eos_id)
             supervised = len(labels) - 1 - labels[1:].count(IGNORE)
             if len(segs) % 2 == 0 and supervised == 0:
                 stats["dropped"] += 1  # nothing left to learn from: feeding it would give a NaN loss
@@ -157,7 +158,8 @@ def split_validation(count, val_set_size, seed):
         return np.arange(count), np.arange(0)
     n = int(round(val_set_size * count)) if val_set_size < 1 else int(val_set_size)
     if n <= 0 or n >= count:
-        raise UserError(f"--val_set_size={val_set_size} leaves no training or no validation examples out of {count}; pass a smaller count or fraction.")
+        raise UserError(f"--val_set_size={val_set_size} leaves no training or no validation examples out of {count}; "
+                        "pass a smaller count or fraction.")
     order = list(range(count))
     random.Random(seed).shuffle(order)
     held = np.sort(np.array(order[:n], dtype=np.int64))
@@ -191,7 +193,8 @@ def summary(examples, stats, tokenizer):
     lines = [
         f"records read: {stats['records']:,}, kept: {len(lengths):,}, truncated: {stats['truncated']:,}, dropped "
         f"(nothing left to train on): {stats['dropped']:,}",
-        f"tokens per example: min {lengths.min()}, median {int(np.median(lengths))}, p95 {int(np.percentile(lengths, 95, method='lower'))}, "
+        f"tokens per example: min {lengths.min()}, median {int(np.median(lengths))}, "
+        f"p95 {int(np.percentile(lengths, 95, method='lower'))}, "
         f"max {lengths.max()}; total {int(lengths.sum()):,}; supervised tokens: {stats['supervised_tokens']:,}",
         "length histogram (tokens per example, count, share):",
         *_histogram(lengths),
@@ -230,10 +233,12 @@ class Collator:
             row_labels = np.concatenate([np.concatenate([[IGNORE], lab[1:]]) for lab in labels])
             positions = np.concatenate([np.arange(len(i)) for i in ids])
             targets = torch.from_numpy(row_labels[1:])
-            return {"input_ids": torch.from_numpy(np.concatenate(ids))[None], "labels": torch.from_numpy(row_labels)[None],
-                    "position_ids": torch.from_numpy(positions)[None], "logits_to_keep": (targets != IGNORE).nonzero().flatten()}
+            return {"input_ids": torch.from_numpy(np.concatenate(ids))[None],
+                    "labels": torch.from_numpy(row_labels)[None], "position_ids": torch.from_numpy(positions)[None],
+                    "logits_to_keep": (targets != IGNORE).nonzero().flatten()}
         width = max(len(i) for i in ids)
-        batch = {"input_ids": torch.full((len(ids), width), self.pad_token_id), "labels": torch.full((len(ids), width), IGNORE),
+        batch = {"input_ids": torch.full((len(ids), width), self.pad_token_id),
+                 "labels": torch.full((len(ids), width), IGNORE),
                  "attention_mask": torch.zeros((len(ids), width), dtype=torch.long)}
         for row, (i, lab) in enumerate(zip(ids, labels)):
             batch["input_ids"][row, :len(i)] = torch.from_numpy(i)

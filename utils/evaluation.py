@@ -12,33 +12,33 @@ import csv
 import dataclasses
 from pathlib import Path
 
-import torch
-
 from utils.errors import UserError
 
 CHOICES = ("A", "B", "C", "D")
 CMMLU_NAMES = dict(  # CMMLU's own English-to-Chinese subject names, used in its prompt header
-    agronomy="农学", anatomy="解剖学", ancient_chinese="古汉语", arts="艺术学", astronomy="天文学", business_ethics="商业伦理",
-    chinese_civil_service_exam="中国公务员考试", chinese_driving_rule="中国驾驶规则", chinese_food_culture="中国饮食文化",
-    chinese_foreign_policy="中国外交政策", chinese_history="中国历史", chinese_literature="中国文学",
-    chinese_teacher_qualification="中国教师资格", clinical_knowledge="临床知识", college_actuarial_science="大学精算学",
-    college_education="大学教育学", college_engineering_hydrology="大学工程水文学", college_law="大学法律",
-    college_mathematics="大学数学", college_medical_statistics="大学医学统计", college_medicine="大学医学",
-    computer_science="计算机科学", computer_security="计算机安全", conceptual_physics="概念物理学",
-    construction_project_management="建设工程管理", economics="经济学", education="教育学", electrical_engineering="电气工程",
-    elementary_chinese="小学语文", elementary_commonsense="小学常识", elementary_information_and_technology="小学信息技术",
-    elementary_mathematics="初等数学", ethnology="民族学", food_science="食品科学", genetics="遗传学", global_facts="全球事实",
-    high_school_biology="高中生物", high_school_chemistry="高中化学", high_school_geography="高中地理",
-    high_school_mathematics="高中数学", high_school_physics="高中物理学", high_school_politics="高中政治",
-    human_sexuality="人类性行为", international_law="国际法学", journalism="新闻学", jurisprudence="法理学",
-    legal_and_moral_basis="法律与道德基础", logical="逻辑学", machine_learning="机器学习", management="管理学",
-    marketing="市场营销", marxist_theory="马克思主义理论", modern_chinese="现代汉语", nutrition="营养学", philosophy="哲学",
-    professional_accounting="专业会计", professional_law="专业法学", professional_medicine="专业医学",
-    professional_psychology="专业心理学", public_relations="公共关系", security_study="安全研究", sociology="社会学",
-    sports_science="体育学", traditional_chinese_medicine="中医中药", virology="病毒学", world_history="世界历史",
-    world_religions="世界宗教",
+    agronomy="农学", anatomy="解剖学", ancient_chinese="古汉语", arts="艺术学", astronomy="天文学",
+    business_ethics="商业伦理", chinese_civil_service_exam="中国公务员考试", chinese_driving_rule="中国驾驶规则",
+    chinese_food_culture="中国饮食文化", chinese_foreign_policy="中国外交政策", chinese_history="中国历史",
+    chinese_literature="中国文学", chinese_teacher_qualification="中国教师资格", clinical_knowledge="临床知识",
+    college_actuarial_science="大学精算学", college_education="大学教育学",
+    college_engineering_hydrology="大学工程水文学", college_law="大学法律", college_mathematics="大学数学",
+    college_medical_statistics="大学医学统计", college_medicine="大学医学", computer_science="计算机科学",
+    computer_security="计算机安全", conceptual_physics="概念物理学", construction_project_management="建设工程管理",
+    economics="经济学", education="教育学", electrical_engineering="电气工程", elementary_chinese="小学语文",
+    elementary_commonsense="小学常识", elementary_information_and_technology="小学信息技术",
+    elementary_mathematics="初等数学", ethnology="民族学", food_science="食品科学", genetics="遗传学",
+    global_facts="全球事实", high_school_biology="高中生物", high_school_chemistry="高中化学",
+    high_school_geography="高中地理", high_school_mathematics="高中数学", high_school_physics="高中物理学",
+    high_school_politics="高中政治", human_sexuality="人类性行为", international_law="国际法学", journalism="新闻学",
+    jurisprudence="法理学", legal_and_moral_basis="法律与道德基础", logical="逻辑学", machine_learning="机器学习",
+    management="管理学", marketing="市场营销", marxist_theory="马克思主义理论", modern_chinese="现代汉语",
+    nutrition="营养学", philosophy="哲学", professional_accounting="专业会计", professional_law="专业法学",
+    professional_medicine="专业医学", professional_psychology="专业心理学", public_relations="公共关系",
+    security_study="安全研究", sociology="社会学", sports_science="体育学", traditional_chinese_medicine="中医中药",
+    virology="病毒学", world_history="世界历史", world_religions="世界宗教",
 )
-LAYOUT_HELP = "a C-Eval file has the header id,question,A,B,C,D[,answer,explanation], a CMMLU file ,Question,A,B,C,D,Answer"
+LAYOUT_HELP = ("a C-Eval file has the header id,question,A,B,C,D[,answer,explanation], "
+               "a CMMLU file ,Question,A,B,C,D,Answer")
 
 
 @dataclasses.dataclass
@@ -56,7 +56,8 @@ def read_questions(path):
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = [row for row in csv.reader(f) if row]
     except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); re-save it as UTF-8.") from None
+        raise UserError(f"{path} is not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                        "re-save it as UTF-8.") from None
     if not rows:
         raise UserError(f"{path} is empty; {LAYOUT_HELP}.")
     header = [h.strip() for h in rows[0]]
@@ -69,10 +70,12 @@ def read_questions(path):
     questions = []
     for line, row in enumerate(rows[1:], start=2):
         if len(row) < len(header):
-            raise UserError(f"{path} row {line} has {len(row)} fields but the header has {len(header)}; quote fields that hold commas.")
+            raise UserError(f"{path} row {line} has {len(row)} fields but the header has {len(header)}; "
+                            "quote fields that hold commas.")
         answer = row[names["answer"]].strip() if "answer" in names else None
         if answer is not None and answer not in CHOICES:
-            raise UserError(f"{path} row {line} has the answer {answer!r}, which is not one of A, B, C, D; fix or remove that row.")
+            raise UserError(f"{path} row {line} has the answer {answer!r}, which is not one of A, B, C, D; "
+                            "fix or remove that row.")
         text = row[names["question"]]
         if not text.strip():
             raise UserError(f"{path} row {line} has an empty question; fix or remove that row.")
@@ -91,14 +94,16 @@ def subject_files(data_dir, split):
         if split == "dev":
             raise UserError(f"{folder} does not exist: few-shot prompts take their examples from dev/ (--data_dir has: "
                             f"{', '.join(have) or 'nothing'}); add it, or pass --few_shot=0.")
-        raise UserError(f"{folder} does not exist; --data_dir needs a {split}/ folder of csv files (it has: {', '.join(have) or 'nothing'}); "
+        raise UserError(f"{folder} does not exist; --data_dir needs a {split}/ folder of csv files "
+                        f"(it has: {', '.join(have) or 'nothing'}); "
                         "pass --split= one of them, or an unpacked C-Eval or CMMLU folder.")
     files = {}
     for path in sorted(folder.glob("*.csv")):
         name = path.stem[: -len(split) - 1] if path.stem.endswith(f"_{split}") else path.stem
         files[name] = path
     if not files:
-        raise UserError(f"{folder} holds no .csv files; point --data_dir at an unpacked C-Eval or CMMLU folder.")
+        raise UserError(f"{folder} holds no .csv files; point --data_dir at an unpacked C-Eval or CMMLU folder"
+                        + (", or pass --few_shot=0." if split == "dev" else "."))
     return files
 
 
@@ -108,7 +113,8 @@ def subject_title(subject, data_dir):
     if mapping.is_file():
         from utils.run_folder import read_json
 
-        table = read_json(mapping, 'fix it (C-Eval\'s layout: {"subject": ["English name", "中文名", "category"]}), or delete it')
+        table = read_json(mapping, 'fix it (C-Eval\'s layout: {"subject": ["English name", "中文名", "category"]}), '
+                                   'or delete it')
         if not isinstance(table, dict):
             raise UserError(f"{mapping} holds a {type(table).__name__}, not a subject table; fix it, or delete it.")
         entry = table.get(subject)
@@ -167,13 +173,17 @@ class SharedPrefix:
     after what the parent holds are run."""
 
     def __init__(self, model, ids, parent=None):
+        import torch
+
         self.ids = ids
         n = min(parent.common(ids), len(ids) - 1) if parent is not None else 0
         kwargs = {}
         if n:
-            kwargs = dict(past_key_values=parent.cache(n, 1), position_ids=torch.arange(n, len(ids), device=model.device)[None])
+            kwargs = dict(past_key_values=parent.cache(n, 1),
+                          position_ids=torch.arange(n, len(ids), device=model.device)[None])
         with torch.no_grad():
-            out = model(input_ids=torch.tensor([ids[n:]], device=model.device), use_cache=True, logits_to_keep=1, **kwargs)
+            out = model(input_ids=torch.tensor([ids[n:]], device=model.device), use_cache=True, logits_to_keep=1,
+                        **kwargs)
         self.kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
 
     def common(self, seq):
@@ -187,11 +197,10 @@ class SharedPrefix:
     def cache(self, n, batch):
         from transformers import DynamicCache
 
-        return DynamicCache(ddp_cache_data=[(k[..., :n, :].expand(batch, -1, -1, -1), v[..., :n, :].expand(batch, -1, -1, -1))
-                                           for k, v in self.kv])
+        return DynamicCache(ddp_cache_data=[(k[..., :n, :].expand(batch, -1, -1, -1),
+                                             v[..., :n, :].expand(batch, -1, -1, -1)) for k, v in self.kv])
 
 
-@torch.no_grad()
 def log_probs_at(model, seqs, positions, prefix=None, pad_id=0):
     """Next-token log-probabilities at positions[i] (a list per sequence) of each sequence, as one batch.
 
@@ -199,6 +208,8 @@ def log_probs_at(model, seqs, positions, prefix=None, pad_id=0):
     attention mask is needed. With a SharedPrefix, the tokens all sequences share with it are read from
     its cache instead of being recomputed. Returns a list of (len(positions[i]), vocab) float tensors.
     """
+    import torch
+
     n = 0
     if prefix is not None:
         n = min(min(prefix.common(s) for s in seqs), min(min(p) for p in positions))
@@ -213,7 +224,8 @@ def log_probs_at(model, seqs, positions, prefix=None, pad_id=0):
     if n:
         kwargs = dict(past_key_values=prefix.cache(n, len(seqs)), use_cache=True,
                       position_ids=torch.arange(n, n + width, device=model.device).expand(len(seqs), -1))
-    logits = model(input_ids=ids.to(model.device), logits_to_keep=keep.to(model.device), **kwargs).logits
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(model.device), logits_to_keep=keep.to(model.device), **kwargs).logits
     logits = torch.log_softmax(logits.float(), dim=-1).cpu()
     return [logits[i, :len(p)] for i, p in enumerate(positions)]
 

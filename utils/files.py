@@ -9,11 +9,18 @@ from utils.errors import UserError
 
 
 def cache_dir():
-    """Where converted models and tokenized data live: $LORA_KIT_CACHE, else $XDG_CACHE_HOME/lora-kit, else ~/.cache/lora-kit."""
+    """Where converted models and tokenized data live: $LORA_KIT_CACHE, else $XDG_CACHE_HOME/lora-kit, else
+    ~/.cache/lora-kit."""
     if os.environ.get("LORA_KIT_CACHE"):
-        return Path(os.environ["LORA_KIT_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg) / "lora-kit"
+        path = Path(os.environ["LORA_KIT_CACHE"]).expanduser()
+    else:
+        path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora-kit"
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
+        raise UserError(f"the cache folder {path} cannot be made or written ({existing} is "
+                        f"{'a file' if not existing.is_dir() else 'not writable'}); set LORA_KIT_CACHE to a folder "
+                        "you can write.")
+    return path
 
 
 @contextlib.contextmanager
@@ -54,7 +61,8 @@ def atomic_path(path, flag):
         yield tmp
         os.replace(tmp, path)
     except OSError as e:
-        raise UserError(f"could not write {path} ({e.strerror or e}); free some disk space or pass another --{flag}.") from None
+        raise UserError(f"could not write {path} ({e.strerror or e}); "
+                        f"free some disk space or pass another --{flag}.") from None
     finally:
         if tmp.exists():
             tmp.unlink()

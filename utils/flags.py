@@ -8,7 +8,7 @@ and a flag main does not take is only reported after main has returned. `unknown
 import difflib
 import inspect
 
-from utils.errors import UserError
+from utils.errors import UserError, as_list
 
 FIRE_FLAGS = {"help", "h"}  # fire's own, also accepted before its "--" separator
 
@@ -22,13 +22,14 @@ def unknown_flags(main, argv, aliases=None):
     for arg in argv:
         if arg == "--":
             break  # what follows is for fire itself (--help, --trace)
-        if not arg.startswith("--") or arg == "--":
-            continue
-        name = arg[2:].split("=", 1)[0].replace("-", "_")
+        if not arg.startswith("-") or arg == "--" or not (arg[1:2].isalpha() or arg[2:3].isalpha()):
+            continue  # a value, also a negative number
+        name = arg.lstrip("-").split("=", 1)[0].replace("-", "_")  # fire reads -flag as --flag
         if name in names or name in FIRE_FLAGS or (name.startswith("no") and name[2:] in names):
             continue  # fire reads --noflag as --flag=False
         close = difflib.get_close_matches(name, sorted(names), n=1, cutoff=0.7)
-        problems.append(f"--{name} is not a flag of this script" + (f" (did you mean --{aliases.get(close[0], close[0])}?)" if close else ""))
+        problems.append(f"--{name} is not a flag of this script"
+                        + (f" (did you mean --{aliases.get(close[0], close[0])}?)" if close else ""))
     return problems
 
 
@@ -47,7 +48,8 @@ def renamed(argv, aliases):
             arg = f"--{'no' if negated else ''}{aliases[old]}{sep}{value}"
         current = aliases.get(old, old)
         if current and current in seen and seen[current] != old:
-            problems.append(f"pass either --{current} or its older name --{old if old != current else seen[current]}, not both")
+            problems.append(f"pass either --{current} or its older name --{old if old != current else seen[current]}, "
+                            "not both")
         if current:
             seen.setdefault(current, old)
         out.append(arg)
@@ -62,7 +64,17 @@ class Checks:
         self.problems = []
 
     def add(self, problem):
-        self.problems.append(problem)
+        """Record a problem; None (no problem) is passed over."""
+        if problem:
+            self.problems.append(problem)
+
+    def names(self, name, value):
+        """A comma-separated list of names ("a,b", or the tuple fire makes of it) as a list of names."""
+        try:
+            return as_list(value, name)
+        except UserError as e:
+            self.add(str(e).rstrip("."))
+            return []
 
     def done(self, hint="run with --help for every flag"):
         if self.problems:
@@ -113,7 +125,8 @@ class Checks:
         if value in choices:
             return value
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
-        self.add(f"--{name} must be one of {', '.join(map(str, choices))}, got {value!r}" + (f" (did you mean {close[0]}?)" if close else ""))
+        self.add(f"--{name} must be one of {', '.join(map(str, choices))}, got {value!r}"
+                 + (f" (did you mean {close[0]}?)" if close else ""))
         return value
 
     def text(self, name, value, required=False, example=None):

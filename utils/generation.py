@@ -17,7 +17,7 @@ from transformers import (LogitsProcessorList, NoRepeatNGramLogitsProcessor, Rep
 from utils.data import encode_prompt
 from utils.errors import UserError
 from utils.flags import Checks
-from utils.templates import pick_template
+from utils.templates import check_template, pick_template
 
 # Sampling with a mild repetition penalty: greedy decoding is what makes small models loop forever.
 DEFAULTS = {"max_new_tokens": 512, "temperature": 0.7, "top_p": 0.9, "top_k": 40,
@@ -32,19 +32,22 @@ def chat_model_flags(c, model_path, lora_model, base_model, template, input_patt
     use_8bit, use_4bit = c.boolean("use_8bit", use_8bit), c.boolean("use_4bit", use_4bit)
     if use_8bit is True and use_4bit is True:
         c.add("--use_8bit and --use_4bit exclude each other; pass only one")
-    model_path, lora_model, base_model = c.text("model_path", model_path), c.text("lora_model", lora_model), c.text("base_model", base_model)
+    model_path, lora_model, base_model = (c.text("model_path", model_path), c.text("lora_model", lora_model),
+                                          c.text("base_model", base_model))
     if model_path and lora_model:
         c.add("--model_path and --lora_model exclude each other; pass a merged folder or an adapter folder")
     max_context, num_gpus = c.integer("max_context", max_context, 16, none=True), c.integer("num_gpus", num_gpus, 1)
     try:
         template = pick_template(c.text("template", template) or "auto", c.text("input_pattern", input_pattern))
+        check_template(template)
     except UserError as e:
         c.add(str(e).rstrip("."))
     load = dict(model_path=model_path, lora_model=lora_model, base_model=base_model, template=template,
                 bits=8 if use_8bit is True else 4 if use_4bit is True else 16, num_gpus=num_gpus,
                 precision=c.choice("precision", precision, ("auto", "bf16", "fp16", "fp32")),
                 local_files_only=c.boolean("local_files_only", local_files_only),
-                trust_remote_code=None if trust_remote_code is None else c.boolean("trust_remote_code", trust_remote_code))
+                trust_remote_code=(None if trust_remote_code is None
+                                   else c.boolean("trust_remote_code", trust_remote_code)))
     return load, max_context
 
 
@@ -126,7 +129,8 @@ def build_prompt(tokenizer, template, system, history, query, context_len, max_n
             query, trimmed = tokenizer.decode(tokens), True
             ids = encode_prompt(tokenizer, template, system, history, query)
     if len(ids) > budget:
-        raise UserError(f"the system prompt alone takes {len(ids)} tokens, more than the {budget} this model leaves for a prompt; shorten the system prompt.")
+        raise UserError(f"the system prompt alone takes {len(ids)} tokens, more than the {budget} this model leaves "
+                        "for a prompt; shorten the system prompt.")
     return Prompt(ids, history, query, max_new, dropped, trimmed)
 
 

@@ -19,12 +19,14 @@ LAYER_NAMES = {
     "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
 }
-TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
 
 
 def permute_qk(weight, heads):
     """HF stores each head's rotary dims as two halves; llama.cpp's rope wants them as interleaved pairs."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return (weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2)
+            .reshape(weight.shape))
 
 
 def gguf_name(hf_name):
@@ -45,15 +47,18 @@ def weight_files(folder):
     from utils.run_folder import read_json
 
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(read_json(index, "restore it, or merge again")["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    files = (sorted(set(read_json(index, "restore it, or merge again")["weight_map"].values())) if index.is_file()
+             else ["model.safetensors"])
     if not all((folder / f).is_file() for f in files):
-        raise UserError(f"{folder} has no model.safetensors (or its shards); export needs safetensors weights, e.g. a merge_lora.py output folder.")
+        raise UserError(f"{folder} has no model.safetensors (or its shards); "
+                        "export needs safetensors weights, e.g. a merge_lora.py output folder.")
     for f in files:
         try:
             with safe_open(str(folder / f), "pt"):
                 pass
         except SafetensorError as e:
-            raise UserError(f"{folder / f} is damaged or cut short ({e}); merge again, or copy the file again.") from None
+            raise UserError(f"{folder / f} is damaged or cut short ({e}); "
+                            "merge again, or copy the file again.") from None
     return files
 
 
@@ -90,7 +95,8 @@ def rope_settings(config, head_dim):
                 smooth = (old / wavelen - low) / (high - low)
                 factors.append(1 / ((1 - smooth) / factor + smooth))
         return theta, {}, np.array(factors, dtype=np.float32)
-    raise UserError(f"rope type {kind!r} is not supported by this exporter (default, linear, llama3 are); use llama.cpp's convert_hf_to_gguf.py.")
+    raise UserError(f"rope type {kind!r} is not supported by this exporter (default, linear, llama3 are); "
+                    "use llama.cpp's convert_hf_to_gguf.py.")
 
 
 def bpe_pre(tokenizer_json):
@@ -102,7 +108,8 @@ def bpe_pre(tokenizer_json):
         return "gpt-2"  # llama.cpp spells the pre-tokenizer with a hyphen (the tokenizer model is "gpt2")
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"  # GPT-2's split after isolating every digit
-    if kinds == ["Split", "ByteLevel"] and "\\p{N}{1,3}" in json.dumps(steps[0]) and not steps[1].get("use_regex", True):
+    if (kinds == ["Split", "ByteLevel"] and "\\p{N}{1,3}" in json.dumps(steps[0])
+            and not steps[1].get("use_regex", True)):
         return "llama-bpe"
     raise UserError(f"the tokenizer's pre-tokenizer ({' + '.join(map(str, kinds))}) has no known llama.cpp name here; "
                     f"use llama.cpp's convert_hf_to_gguf.py for this model.")
@@ -122,7 +129,8 @@ def tokenizer_vocab(folder, tokenizer, vocab_size):
         for i in range(max(by_id) + 1):
             tokens.append(by_id.get(i, f"[PAD{i}]"))
             types.append(TokenType.UNUSED if i not in by_id else
-                         (TokenType.CONTROL if added[i]["special"] else TokenType.USER_DEFINED) if i in added else TokenType.NORMAL)
+                         (TokenType.CONTROL if added[i]["special"] else TokenType.USER_DEFINED) if i in added
+                         else TokenType.NORMAL)
         merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"].get("merges", [])]
         model, pre, scores = "gpt2", bpe_pre(tj), None
     elif (folder / "tokenizer.model").is_file():  # LLaMA-2-style SentencePiece
@@ -142,7 +150,8 @@ def tokenizer_vocab(folder, tokenizer, vocab_size):
                 types.append(TokenType.CONTROL if token in tokenizer.all_special_tokens else TokenType.USER_DEFINED)
         model, pre, merges = "llama", "default", None
     else:
-        raise UserError(f"{folder} has neither a byte-level BPE tokenizer.json nor a SentencePiece tokenizer.model; use llama.cpp's convert_hf_to_gguf.py.")
+        raise UserError(f"{folder} has neither a byte-level BPE tokenizer.json nor a SentencePiece tokenizer.model; "
+                        "use llama.cpp's convert_hf_to_gguf.py.")
     if len(tokens) > vocab_size:
         raise UserError(f"{folder}: the tokenizer has {len(tokens)} tokens but the embedding only {vocab_size} rows.")
     for i in range(len(tokens), vocab_size):  # embedding rows beyond the tokenizer, as llama.cpp pads them
@@ -174,9 +183,11 @@ def write_gguf(folder, path, outtype, config, tokenizer, name):
     import gguf
 
     if outtype not in TYPES:
-        raise UserError(f"--outtype={outtype!r} is not one of {', '.join(TYPES)}; for k-quants run llama.cpp's llama-quantize on the f16 file.")
+        raise UserError(f"--outtype={outtype!r} is not one of {', '.join(TYPES)}; "
+                        "for k-quants run llama.cpp's llama-quantize on the f16 file.")
     if getattr(config, "model_type", None) != "llama":
-        raise UserError(f"{folder}/config.json has model_type {getattr(config, 'model_type', None)!r}; this exporter writes LLaMA-architecture models only.")
+        raise UserError(f"{folder}/config.json has model_type {getattr(config, 'model_type', None)!r}; "
+                        "this exporter writes LLaMA-architecture models only.")
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     theta, scaling, rope_freqs = rope_settings(config, head_dim)
@@ -212,8 +223,8 @@ def write_gguf(folder, path, outtype, config, tokenizer, name):
         w.add_token_scores(scores)
     if merges is not None:
         w.add_token_merges(merges)
-    for key, value in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id), ("unk", tokenizer.unk_token_id),
-                       ("pad", tokenizer.pad_token_id)):
+    for key, value in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
+                       ("unk", tokenizer.unk_token_id), ("pad", tokenizer.pad_token_id)):
         if value is not None:
             getattr(w, f"add_{key}_token_id")(value)
     adds_bos = tokenizer.bos_token_id is not None and tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]
@@ -245,7 +256,8 @@ def write_gguf(folder, path, outtype, config, tokenizer, name):
         w.add_tensor(target, data, raw_dtype=raw)
         count += 1
     if unknown:  # raised before the header is written, so no partial file is left behind
-        raise UserError(f"{folder} holds tensors a LLaMA GGUF has no place for ({', '.join(unknown[:3])}...); merge adapters first with merge_lora.py.")
+        raise UserError(f"{folder} holds tensors a LLaMA GGUF has no place for ({', '.join(unknown[:3])}...); "
+                        "merge adapters first with merge_lora.py.")
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -259,7 +271,8 @@ def modelfile(gguf_path, tokenizer):
     template = tokenizer.chat_template or ""
     if "<|im_start|>" in template:
         lines += ['TEMPLATE """{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
-                  '{{ if .Prompt }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}<|im_start|>assistant\n{{ .Response }}<|im_end|>\n"""',
+                  '{{ if .Prompt }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}'
+                  '<|im_start|>assistant\n{{ .Response }}<|im_end|>\n"""',
                   'PARAMETER stop "<|im_end|>"']
     elif tokenizer.eos_token:
         lines.append(f'PARAMETER stop "{tokenizer.eos_token}"')

@@ -14,7 +14,8 @@ def find_target_modules(model):
     names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
              if isinstance(module, torch.nn.Linear) and _DECODER_LAYER.search(name)}
     if not names:
-        raise UserError("found no linear layers inside decoder layers; pass --lora_target_modules=q_proj,v_proj (names from the model).")
+        raise UserError("found no linear layers inside decoder layers; "
+                        "pass --lora_target_modules=q_proj,v_proj (names from the model).")
     return sorted(names)
 
 
@@ -24,7 +25,8 @@ def lora_config(model, r, alpha, dropout, target_modules, modules_to_save):
     available = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [m for m in target_modules + modules_to_save if m not in available]
     if missing:
-        raise UserError(f"the model has no module named {', '.join(missing)}; its linear layers are {', '.join(find_target_modules(model))}.")
+        raise UserError(f"the model has no module named {', '.join(missing)}; "
+                        f"its linear layers are {', '.join(find_target_modules(model))}.")
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                       modules_to_save=modules_to_save or None, bias="none", task_type="CAUSAL_LM")
 

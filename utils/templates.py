@@ -46,7 +46,8 @@ class Template:
         """
         system = system or self.system
         if system and self.system_format is None:
-            raise UserError(f"template {self.name!r} has no system role; drop the system prompt or pass another --template.")
+            raise UserError(f"template {self.name!r} has no system role; "
+                            "drop the system prompt or pass another --template.")
         head = self.prefix + (fill(self.system_format, content=system) if system else self.no_system)
         segments = []
         for i, (user, answer) in enumerate(turns):
@@ -69,7 +70,8 @@ def _from_file(path, name):
         spec = json.loads(Path(path).read_text(encoding="utf-8"))
         return Template(name=name, **{k: v for k, v in spec.items() if k != "name"})
     except (OSError, ValueError, TypeError) as e:
-        raise UserError(f"template file {path} is not a valid template ({e}); see templates/alpaca.json for the fields.") from None
+        raise UserError(f"template file {path} is not a valid template ({e}); "
+                        "see templates/alpaca.json for the fields.") from None
 
 
 def _common_suffix(a, b):
@@ -94,7 +96,8 @@ def from_chat_template(tokenizer, name="auto"):
         return [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(texts)]
 
     fail = UserError(
-        f"the tokenizer's chat template cannot be split into prompt and answer parts; pass --template= one of {', '.join(builtin_names())}."
+        f"the tokenizer's chat template cannot be split into prompt and answer parts; "
+        f"pass --template= one of {', '.join(builtin_names())}."
     )
     try:
         full, gen = render(conv(U1, A1, U2, A2)), render(conv(U1), gen=True)
@@ -127,11 +130,23 @@ def from_chat_template(tokenizer, name="auto"):
     for system, turns in probes:
         if system and system_format is None:
             continue
-        msgs = ([{"role": "system", "content": system}] if system else []) + conv(*[t for pair in turns for t in pair if t is not None])
+        msgs = (([{"role": "system", "content": system}] if system else [])
+                + conv(*[t for pair in turns for t in pair if t is not None]))
         expected = render(msgs, gen=turns[-1][1] is None)
         if not expected.startswith("".join(template.render(system, turns))):
             raise fail
     return template
+
+
+def check_template(name):
+    """Refuse a --template that names no template before any model loads; a .json file is read and checked."""
+    if name == "auto" or name in builtin_names():
+        return
+    if str(name).endswith(".json") and Path(name).is_file():
+        _from_file(name, Path(name).stem)
+        return
+    raise UserError(f"unknown --template={name!r}; use auto, one of {', '.join(builtin_names())}, "
+                    "or a path to a template .json file.")
 
 
 def load_template(name, tokenizer):
@@ -144,7 +159,8 @@ def load_template(name, tokenizer):
         return _from_file(TEMPLATE_DIR / f"{name}.json", name)
     if str(name).endswith(".json") and Path(name).is_file():
         return _from_file(name, Path(name).stem)
-    raise UserError(f"unknown --template={name!r}; use auto, one of {', '.join(builtin_names())}, or a path to a template .json file.")
+    raise UserError(f"unknown --template={name!r}; use auto, one of {', '.join(builtin_names())}, "
+                    "or a path to a template .json file.")
 
 
 def resolve_template(name, tokenizer, run_config=None):
@@ -162,5 +178,6 @@ def pick_template(template, input_pattern):
     if input_pattern is None:
         return str(template)
     if template not in ("auto", input_pattern):
-        raise UserError(f"--template={template!r} and --input_pattern={input_pattern!r} disagree; pass only one of them.")
+        raise UserError(f"--template={template!r} and --input_pattern={input_pattern!r} disagree; "
+                        "pass only one of them.")
     return str(input_pattern)

@@ -77,7 +77,8 @@ class TokenStore:
         if self.from_cache:
             return f"from the cache ({self.meta['examples']:,} examples, {self.seconds:.1f} s)"
         workers = self.meta["workers"]
-        return f"built now from {self.stats['records']:,} records in {self.seconds:.1f} s ({workers} worker process{'es' if workers > 1 else ''})"
+        return (f"built now from {self.stats['records']:,} records in {self.seconds:.1f} s "
+                f"({workers} worker process{'es' if workers > 1 else ''})")
 
     def lengths(self):
         lengths = np.diff(self.offsets)
@@ -99,7 +100,8 @@ def cache_key(files, tokenizer, settings):
                 h.update(chunk)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update((backend.to_str() if backend is not None else str(tokenizer.get_vocab())).encode())
-    h.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, settings], sort_keys=True, default=str).encode())
+    h.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, settings],
+                        sort_keys=True, default=str).encode())
     return h.hexdigest()[:24]
 
 
@@ -117,9 +119,22 @@ def default_workers():
 def tokenized(files, encoder, settings, cache=True, workers=None, max_samples=None, flag="data_path", folder=None):
     """The TokenStore of these files: from the cache when it holds them, else built now (one process
     builds, the others wait on the lock and map what it wrote). `from_cache` and `seconds` say which.
+    Files that leave no example (every record dropped by truncation) are refused.
 
     cache=False builds a private store in a temporary folder that is removed when the store is dropped.
     """
+    store = _stored(files, encoder, settings, cache, workers, max_samples, flag, folder)
+    if not len(store) and encoder.stage == "sft":
+        raise UserError(f"all {store.stats['records']:,} records of --{flag} were dropped: "
+                        f"nothing to train on remained after truncation to --cutoff_len={encoder.cutoff_len}; "
+                        "raise --cutoff_len.")
+    if not len(store):
+        raise UserError(f"the {store.stats['records']:,} texts of --{flag} hold fewer than 2 tokens: "
+                        "nothing to train on; add text.")
+    return store
+
+
+def _stored(files, encoder, settings, cache, workers, max_samples, flag, folder):
     root = Path(folder) if folder else _cache_root()
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -151,8 +166,9 @@ def tokenized(files, encoder, settings, cache=True, workers=None, max_samples=No
                 store = TokenStore(target)
                 store.from_cache, store.seconds = False, time.time() - t0
                 if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # say which rank did the work the others wait for
-                    print(f"rank {os.environ.get('RANK', '?')}: built the tokenized data ({store.stats['records']:,} records, "
-                          f"{store.seconds:.1f} s); the other ranks map it", file=sys.stderr, flush=True)
+                    print(f"rank {os.environ.get('RANK', '?')}: built the tokenized data "
+                          f"({store.stats['records']:,} records, {store.seconds:.1f} s); the other ranks map it",
+                          file=sys.stderr, flush=True)
                 return store
     store = TokenStore(target)
     store.seconds = time.time() - t0
@@ -251,11 +267,12 @@ def _build(folder, files, encoder, workers, max_samples, flag):
         stats["supervised_tokens"] = int(np.diff(offsets).sum() - (len(offsets) - 1))
         (folder / "mask.bin").unlink()
     else:
-        offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths) if lengths else np.zeros(0, np.int64))]).astype(np.int64)
+        offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths) if lengths
+                                                 else np.zeros(0, np.int64))]).astype(np.int64)
     np.save(folder / "offsets.npy", offsets)
-    meta = {"version": STORE_VERSION, "stage": encoder.stage, "dtype": np.dtype(_ids_dtype(encoder.tokenizer)).name, "tokens": tokens,
-            "examples": len(offsets) - 1, "stats": stats, "files": [str(f) for f in files], "workers": workers if pool else 1,
-            "build_seconds": round(time.time() - t0, 2)}
+    meta = {"version": STORE_VERSION, "stage": encoder.stage, "dtype": np.dtype(_ids_dtype(encoder.tokenizer)).name,
+            "tokens": tokens, "examples": len(offsets) - 1, "stats": stats, "files": [str(f) for f in files],
+            "workers": workers if pool else 1, "build_seconds": round(time.time() - t0, 2)}
     (folder / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
 
 

@@ -1,10 +1,57 @@
-"""Training bookkeeping: throughput, the whole run's loss across a resume, and whether activations fit.
+"""Training set-up and bookkeeping: the LoRA model ready to train, throughput, the whole run's loss across a
+resume, and whether activations fit.
 
 The fast path's kernels live in utils/fast/, behind one entry point, `prepare_for_training`.
 """
 import torch
 
 from utils.fast.attention import _CausalAttention
+
+
+def lora_for_training(model_path, dtype, bits, device, lora, checkpointing, tokens_per_step, length,
+                      local_files_only=False, trust_remote_code=False):
+    """Load the base, wrap it in LoRA (`lora`: r, alpha, dropout, target_modules, modules_to_save) and apply
+    the fast path. Returns (the peft model, the head the loss projects with or None, whether activations are
+    recomputed, the banner's lines). `checkpointing` True/False, or "auto": on for a 4/8-bit base (chosen
+    to save memory), else only when the activations of `tokens_per_step` tokens would not fit."""
+    from peft import get_peft_model
+
+    from utils.fast import attention_for, prepare_for_training, register_packed_attention
+    from utils.lora import find_target_modules, lora_config
+    from utils.memory import return_freed_memory, reuse_freed_memory
+    from utils.model import load_model
+
+    register_packed_attention()
+    model = load_model(model_path, dtype, bits, local_files_only=local_files_only,
+                       attn_implementation=attention_for(device), trust_remote_code=trust_remote_code)
+    memory_first = bits < 16  # a 4/8-bit base exists to save memory: recompute activations, return freed memory
+    if device == "cpu" and not memory_first:  # keep freed activations for the next step
+        reuse_freed_memory()
+    elif device == "cpu":  # a 4/8-bit base hands its dequantized temporaries back (utils/memory says why)
+        return_freed_memory()
+    model.config.use_cache = False  # a cache would also disable packed-sequence attention
+    # A quantized base needs no more preparation than a 16-bit one: peft's prepare_model_for_kbit_training
+    # would copy the embeddings, norms and lm_head to fp32 (bench/RESULTS.md), and autocast
+    # already computes in the half type. Whatever trains is fp32 (LoRA weights, modules_to_save copies).
+    targets = lora["target_modules"] = (find_target_modules(model) if lora["target_modules"] in ([], ["auto"])
+                                        else lora["target_modules"])
+    model = get_peft_model(model, lora_config(model, lora["r"], lora["alpha"], lora["dropout"], targets,
+                                              lora["modules_to_save"]))
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    head, fast = prepare_for_training(model, device)  # the kernels measured to pay on this device (utils/fast)
+    if checkpointing == "auto":
+        checkpointing = memory_first or needs_checkpointing(model.config, tokens_per_step, length, dtype.itemsize,
+                                                            device, logits=head is None)
+    trainable, total = model.get_nb_trainable_parameters()
+    quantized = sum(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
+    banner = (f"base: {str(dtype)[6:]}, {bits}-bit, {quantized} quantized linear layers   "
+              f"LoRA r={lora['r']} on {', '.join(targets)}   trainable {trainable:,} of {total:,} parameters\n"
+              f"activation checkpointing: {'on' if checkpointing else 'off'}"
+              + (f"   {torch.get_num_threads()} CPU threads" if device == "cpu" else "")
+              + f"   fast path: {', '.join(fast)}")
+    return model, head, bool(checkpointing), banner
 
 
 def throughput_callback():
@@ -66,7 +113,8 @@ def needs_checkpointing(config, tokens_per_step, sequence_length, dtype_bytes, d
     """
     from utils.memory import available_memory
 
-    intermediate = getattr(config, "intermediate_size", None) or 4 * config.hidden_size  # a model's own config may lack it
+    # a model's own config may lack intermediate_size
+    intermediate = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
     heads = getattr(config, "num_attention_heads", 1) * min(sequence_length, _CausalAttention.KEEP_UP_TO)
     per_token = config.num_hidden_layers * (6 * config.hidden_size + 4 * intermediate + heads) * dtype_bytes
     need = tokens_per_step * (per_token + (8 * config.vocab_size if logits else 0))

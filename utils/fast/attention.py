@@ -24,13 +24,15 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if position_ids is None or query.shape[0] != 1 or key.shape[2] != query.shape[2]:  # padded batch, or decoding
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
     starts = (position_ids[0] == 0).nonzero().flatten().tolist()
     if starts[:1] != [0]:
         starts = [0] + starts
     lengths = [end - start for start, end in zip(starts, starts[1:] + [query.shape[2]])]
     if query.device.type == "cpu" and query.dtype == torch.bfloat16 and not (dropout and module.training):
-        out = causal_attention(query[0], key[0], value[0], lengths, query.shape[-1] ** -0.5 if scaling is None else scaling)
+        out = causal_attention(query[0], key[0], value[0], lengths,
+                               query.shape[-1] ** -0.5 if scaling is None else scaling)
         return out.transpose(0, 1).unsqueeze(0), None
     dtype = query.dtype
     if query.device.type == "cpu":
@@ -99,12 +101,14 @@ class _CausalAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, *kept = ctx.saved_tensors
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        blocks = [(slice(0, q.shape[2]), kept[0], k, v, kept[1])] if kept else _CausalAttention.blocks(q, k, v, _CausalAttention.CHUNK)
+        blocks = ([(slice(0, q.shape[2]), kept[0], k, v, kept[1])] if kept
+                  else _CausalAttention.blocks(q, k, v, _CausalAttention.CHUNK))
         with torch.autocast(q.device.type, enabled=False):
             for rows, q_rows, keys, values, probs in blocks:
                 grad_rows = grad_out[:, :, rows].reshape(q_rows.shape)
                 grad_v[:, :keys.shape[1]].baddbmm_(probs.transpose(1, 2), grad_rows)
-                grad_scores = torch._softmax_backward_data(torch.bmm(grad_rows, values.transpose(1, 2)), probs, -1, probs.dtype)
+                grad_scores = torch._softmax_backward_data(torch.bmm(grad_rows, values.transpose(1, 2)), probs, -1,
+                                                           probs.dtype)
                 grad_q[:, :, rows] = torch.bmm(grad_scores, keys).view(grad_q[:, :, rows].shape)
                 grad_k[:, :keys.shape[1]].baddbmm_(grad_scores.transpose(1, 2), q_rows)
         return grad_q, grad_k, grad_v

@@ -38,9 +38,11 @@ def _fused_lora_forward(self, x, *args, **kwargs):
     """peft's lora.Linear.forward, as `_LoraLinear`, in the cases it covers; peft's own otherwise."""
     adapter = self.active_adapters[0] if len(self.active_adapters) == 1 else None
     dropout = self.lora_dropout[adapter] if adapter in self.lora_dropout else None
-    if (args or kwargs or self.disable_adapters or self.merged or adapter not in self.lora_A or adapter in self.lora_variant
-            or (isinstance(dropout, torch.nn.Dropout) and dropout.training and dropout.p > 0) or self.lora_B[adapter].bias is not None
-            or self.base_layer.weight.requires_grad or (self.base_layer.bias is not None and self.base_layer.bias.requires_grad)):
+    if (args or kwargs or self.disable_adapters or self.merged or adapter not in self.lora_A
+            or adapter in self.lora_variant
+            or (isinstance(dropout, torch.nn.Dropout) and dropout.training and dropout.p > 0)
+            or self.lora_B[adapter].bias is not None or self.base_layer.weight.requires_grad
+            or (self.base_layer.bias is not None and self.base_layer.bias.requires_grad)):
         return type(self).forward(self, x, *args, **kwargs)
     return _LoraLinear.apply(x, self.base_layer.weight, self.base_layer.bias, self.lora_A[adapter].weight,
                              self.lora_B[adapter].weight, self.scaling[adapter])

@@ -38,7 +38,8 @@ def causal_lm_loss(outputs, labels, num_items_in_batch=None, head=None, workspac
 
 
 # Architectures whose logits are exactly lm_head(final hidden states): no soft-capping or logit scale.
-PLAIN_HEAD_MODELS = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "phi3", "olmo", "olmo2", "starcoder2"}
+PLAIN_HEAD_MODELS = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "phi3", "olmo",
+                     "olmo2", "starcoder2"}
 
 
 def project_in_loss(model):
@@ -82,7 +83,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         workspace = {} if workspace is None else workspace
         if key not in workspace:
             workspace.clear()
-            workspace[key] = [torch.empty(rows, weight.shape[0], dtype=t, device=hidden.device) for t in (dtype, torch.float32, torch.float32)]
+            workspace[key] = [torch.empty(rows, weight.shape[0], dtype=t, device=hidden.device)
+                              for t in (dtype, torch.float32, torch.float32)]
         logits, logits32, log_probs = workspace[key]
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         with torch.autocast(device, enabled=False):

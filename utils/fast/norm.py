@@ -4,15 +4,17 @@ import types
 import torch
 
 # RMSNorm classes whose forward is LlamaRMSNorm's, line for line (a test checks each against it).
-LLAMA_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSNorm", "Qwen2MoeRMSNorm", "Qwen3RMSNorm",
-                   "Qwen3MoeRMSNorm", "Phi3RMSNorm", "SmolLM3RMSNorm", "GraniteRMSNorm", "MinistralRMSNorm", "GlmRMSNorm"}
+LLAMA_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSNorm", "Qwen2MoeRMSNorm",
+                   "Qwen3RMSNorm", "Qwen3MoeRMSNorm", "Phi3RMSNorm", "SmolLM3RMSNorm", "GraniteRMSNorm",
+                   "MinistralRMSNorm", "GlmRMSNorm"}
 
 
 def fast_norms(model):
     """Run every LLaMA-style RMSNorm of the model as `_RMSNorm`; returns how many."""
     norms = [m for m in model.modules() if type(m).__name__ in LLAMA_RMS_NORMS]
     for module in norms:
-        module.forward = types.MethodType(lambda self, hidden_states: _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon), module)
+        module.forward = types.MethodType(
+            lambda self, hidden_states: _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon), module)
     return len(norms)
 
 
