@@ -50,6 +50,30 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir, tokenizer):
     return path
 
 
+@pytest.fixture(scope="session")
+def remote_model_dir(tmp_path_factory, tokenizer):
+    """tests/remote_code_model.py (a tiny Baichuan-like model) saved as a model folder whose config.json maps the
+    auto classes to it: a model that ships its own code."""
+    import importlib.util
+    import shutil
+
+    import torch
+
+    folder = tmp_path_factory.mktemp("packlm")
+    shutil.copy(ROOT / "tests" / "remote_code_model.py", folder / "modeling_pack.py")
+    spec = importlib.util.spec_from_file_location("modeling_pack_fixture", folder / "modeling_pack.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.PackConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config.auto_map = {"AutoConfig": "modeling_pack.PackConfig",
+                       "AutoModelForCausalLM": "modeling_pack.PackForCausalLM"}
+    torch.manual_seed(0)
+    module.PackForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def data_file(tmp_path):
     path = tmp_path / "train.json"

@@ -272,29 +272,6 @@ def lora_adapter(tmp_path_factory, tiny_model_dir):
     return folder
 
 
-@pytest.fixture(scope="module")
-def remote_model_dir(tmp_path_factory, tokenizer):
-    """tests/remote_code_model.py saved as a model folder whose config.json maps the auto classes to it (as
-    tests/test_remote_code.py builds it)."""
-    import importlib.util
-
-    import torch
-
-    folder = tmp_path_factory.mktemp("packlm")
-    shutil.copy(ROOT / "tests" / "remote_code_model.py", folder / "modeling_pack.py")
-    spec = importlib.util.spec_from_file_location("modeling_pack_bad_input", folder / "modeling_pack.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.PackConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    config.auto_map = {"AutoConfig": "modeling_pack.PackConfig",
-                       "AutoModelForCausalLM": "modeling_pack.PackForCausalLM"}
-    torch.manual_seed(0)
-    module.PackForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 # --- finetune.py ----------------------------------------------------------------------------------------------------
 
 def records(text, name="bad.json"):

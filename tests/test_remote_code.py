@@ -1,36 +1,15 @@
 """Models that ship their own code (Baichuan, InternLM, some Qwen and Yi releases): refused without
 --trust_remote_code, trained, merged and chatted with when it is on, which the run config records."""
-import importlib.util
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
-import torch
 
 from conftest import ROOT, RECORDS
 from utils.errors import UserError
 
 sys.path.insert(0, str(ROOT))
-
-
-@pytest.fixture(scope="module")
-def remote_model_dir(tmp_path_factory, tokenizer):
-    """tests/remote_code_model.py saved as a model folder whose config.json maps the auto classes to it."""
-    folder = tmp_path_factory.mktemp("packlm")
-    shutil.copy(ROOT / "tests" / "remote_code_model.py", folder / "modeling_pack.py")
-    spec = importlib.util.spec_from_file_location("modeling_pack_fixture", folder / "modeling_pack.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.PackConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    config.auto_map = {"AutoConfig": "modeling_pack.PackConfig",
-                       "AutoModelForCausalLM": "modeling_pack.PackForCausalLM"}
-    torch.manual_seed(0)
-    module.PackForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_refused_without_the_flag_before_any_work(remote_model_dir, tmp_path):
