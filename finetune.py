@@ -7,8 +7,7 @@
     torchrun --nproc_per_node=2 finetune.py ...                      # several devices
     python finetune.py --dry_run                                     # only check and summarise the data
 
-Writes to --output_dir: the PEFT adapter, the tokenizer, run_config.json (everything the later stages
-need), loss.png, and checkpoint-N/ folders.
+Writes to --output_dir: the adapter, tokenizer, run_config.json (what later stages need), loss.png, report.md/json.
 """
 import functools
 import math
@@ -21,7 +20,8 @@ from utils.errors import is_main_process, run_cli
 from utils.files import output_problem
 from utils.flags import Checks
 from utils.records import PT_SUFFIXES, SFT_SUFFIXES, data_files
-from utils.run_folder import BUILTIN, cleaned_up_on_write_errors, plot_loss, resume_point, staged, write_run_config
+from utils.report import end_of_run_report, probes_flag
+from utils.run_folder import BUILTIN, cleaned_up_on_write_errors, resume_point, save_run
 from utils.model import check_remote_code, load_tokenizer, pick_device, pick_dtype, resolve_model_path
 from utils.token_store import tokenized
 
@@ -49,7 +49,7 @@ def main(
     max_steps: int = -1, learning_rate: float = 5e-4, lr_scheduler_type: str = "cosine", warmup_ratio: float = 0.03,
     weight_decay: float = 0.0, logging_steps: int = 5, save_steps: int = 200, save_total_limit: int = 3,
     eval_steps: int = None, gradient_checkpointing="auto", packing: bool = True, seed: int = 42,
-    resume_from_checkpoint=None, overwrite_output_dir: bool = False,
+    resume_from_checkpoint=None, overwrite_output_dir: bool = False, report: bool = True, probe_prompts=None,
 ):
     """Fine-tune a base model with LoRA (or QLoRA) and save the adapter.
 
@@ -102,6 +102,10 @@ def main(
         seed: random seed for LoRA init, shuffling and dropout.
         resume_from_checkpoint: a checkpoint folder, or True for the latest one in --output_dir.
         overwrite_output_dir: allow writing into an --output_dir that holds an earlier run (also --overwrite).
+        report: at the end, answer the validation prompts and probes with the base and the tuned model (greedy,
+            no penalty): report.md and report.json say whether answers stop, loop, and changed.
+        probe_prompts: a .json or .txt file of prompts, or prompts (default: data/probes.json, and
+            data/demo_probes.json for the demo data).
     """
     # --- check the arguments, all at once ---------------------------------------------------------
     c = Checks()
@@ -143,6 +147,7 @@ def main(
     c.add(output_problem(output_dir, "output_dir") if isinstance(output_dir, str) else None)
     resume, skipped, problem = resume_point(output_dir, resume_from_checkpoint, overwrite_output_dir, dry_run)
     c.add(problem)
+    report, probes = c.boolean("report", report), probes_flag(c, probe_prompts, data_path == str(DEMO_DATA))
     c.done()
     out, say = Path(output_dir), print if is_main_process() else (lambda *a, **k: None)
 
@@ -179,7 +184,6 @@ def main(
     from transformers import Trainer, TrainingArguments, set_seed
 
     from utils.fast import causal_lm_loss
-    from utils.lora import save_adapter
     from utils.train import lora_for_training, run_loss_callback, throughput_callback
 
     set_seed(seed)
@@ -217,33 +221,29 @@ def main(
     with cleaned_up_on_write_errors(out):
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     train_loss = run_loss.mean(trainer.state, result.training_loss)  # the whole run's, also after a resume
-    if val is not None:
-        trainer.evaluate()
+    eval_loss = trainer.evaluate()["eval_loss"] if val is not None else None
 
-    # --- save: adapter, tokenizer, run config, loss plot (rank 0 only) ----------------------------
+    # --- save: adapter, tokenizer, run config, loss plot; the report (rank 0 only) ----------------
     if trainer.is_world_process_zero():
-        with staged(out) as folder:  # moved into --output_dir once every file is written
-            save_adapter(model, folder)
-            tokenizer.save_pretrained(folder)
-            lengths = data.lengths()
-            write_run_config(folder, {
-                "base_model": base_model, "base_model_path": model_path, "stage": stage, "template": tmpl.to_dict(),
-                "cutoff_len": cutoff_len, "block_size": block_size if stage == "pt" else None,
-                "train_on_inputs": train_on_inputs, "bits": bits, "dtype": str(dtype).replace("torch.", ""),
-                "trust_remote_code": trust_remote_code, "lora": lora,
-                "data": {"path": str(data_path), **data.stats, "max_samples": max_samples, "train_examples": len(train),
-                         "validation_examples": len(val or ()), "tokens_min": int(lengths.min()),
-                         "tokens_max": int(lengths.max()), "train_tokens": int(train.lengths().sum())},
-                "training": {"learning_rate": learning_rate, "epochs": num_epochs, "steps": result.global_step,
-                             "seed": seed, "per_device_train_batch_size": per_device_train_batch_size,
-                             "gradient_accumulation_steps": gradient_accumulation_steps,
-                             "train_loss": train_loss if math.isfinite(train_loss) else None,
-                             "tokens_per_second": speed.tokens_per_second,
-                             "activation_checkpointing": bool(model.base_model.model.is_activation_checkpointing)},
-            })
-            plot_loss(trainer.state.log_history, folder / "loss.png")
+        save_run(out, model, tokenizer, {
+            "base_model": base_model, "base_model_path": model_path, "stage": stage, "template": tmpl.to_dict(),
+            "cutoff_len": cutoff_len, "block_size": block_size if stage == "pt" else None,
+            "train_on_inputs": train_on_inputs, "bits": bits, "dtype": str(dtype).replace("torch.", ""),
+            "trust_remote_code": trust_remote_code, "lora": lora,
+            "data": {"path": str(data_path), **data.stats, "max_samples": max_samples, "train_examples": len(train),
+                     "validation_examples": len(val or ()), "tokens_min": int(data.lengths().min()),
+                     "tokens_max": int(data.lengths().max()), "train_tokens": int(train.lengths().sum())},
+            "training": {"learning_rate": learning_rate, "epochs": num_epochs, "steps": result.global_step,
+                         "seed": seed, "per_device_train_batch_size": per_device_train_batch_size,
+                         "gradient_accumulation_steps": gradient_accumulation_steps,
+                         "train_loss": train_loss if math.isfinite(train_loss) else None,
+                         "tokens_per_second": speed.tokens_per_second,
+                         "activation_checkpointing": bool(model.base_model.model.is_activation_checkpointing)},
+        }, trainer.state.log_history)
         say(f"wrote the adapter, tokenizer, run_config.json and loss.png to {out}/ in {time.time() - t0:.0f} s "
             f"({result.global_step} steps, train loss {train_loss:.3f}, {speed.tokens_per_second or 0:.0f} tokens/s)")
+        if report:
+            end_of_run_report(model, tokenizer, tmpl, out, stage, val, probes, eval_loss, say=say)
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def finetune(tiny_model_dir, data_file, tmp_path):
     def run(**overrides):
         kwargs = dict(base_model=str(tiny_model_dir), data_path=str(data_file), output_dir=str(tmp_path / "out"),
                       max_steps=2, per_device_train_batch_size=4, logging_steps=1, save_steps=2, cutoff_len=128,
-                      precision="fp32", learning_rate=1e-3)
+                      precision="fp32", learning_rate=1e-3, report=False)
         kwargs.update(overrides)
         return script.main(**kwargs)
 

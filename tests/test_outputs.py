@@ -94,12 +94,12 @@ def test_finetune_full_disk_at_a_checkpoint_removes_it(finetune, tmp_path, monke
 
 
 def test_finetune_full_disk_at_the_final_save_replaces_nothing(finetune, tmp_path, monkeypatch):
-    import finetune as script
+    from utils import run_folder
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(script, "write_run_config", full_disk)
+    monkeypatch.setattr(run_folder, "write_run_config", full_disk)
     with pytest.raises(UserError,
                        match=r"saving the adapter into .*out failed \(No space left on device\); nothing was replaced"):
         finetune(max_steps=2)

@@ -135,6 +135,18 @@ def read_json(path, what):
         raise UserError(f"{path} is not readable JSON ({getattr(e, 'msg', None) or e}); {what}") from None
 
 
+def save_run(output_dir, model, tokenizer, config, log_history):
+    """finetune's final files: the adapter, the tokenizer, run_config.json (`config`) and loss.png, moved into
+    output_dir together once every one is written."""
+    from utils.lora import save_adapter
+
+    with staged(output_dir) as folder:
+        save_adapter(model, folder)
+        tokenizer.save_pretrained(folder)
+        write_run_config(folder, config)
+        plot_loss(log_history, folder / "loss.png")
+
+
 def write_run_config(output_dir, config):
     path = Path(output_dir) / RUN_CONFIG
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")

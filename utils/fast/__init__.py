@@ -14,7 +14,8 @@ from utils.fast.loss import causal_lm_loss, project_in_loss
 from utils.fast.lora import fast_lora
 from utils.fast.norm import fast_norms
 
-__all__ = ["PACKED_ATTENTION", "attention_for", "causal_lm_loss", "prepare_for_training", "register_packed_attention"]
+__all__ = ["PACKED_ATTENTION", "attention_for", "causal_lm_loss", "for_inference", "prepare_for_training",
+           "register_packed_attention"]
 
 
 def prepare_for_training(model, device):
@@ -34,3 +35,16 @@ def prepare_for_training(model, device):
     if head is not None:
         on.append("loss without logits")
     return head, on
+
+
+def for_inference(model):
+    """Undo prepare_for_training, for decoding with the trained model: the library's own forwards again (lm_head's
+    logits among them), sdpa attention in place of the packed kind, the KV cache on, eval mode."""
+    for module in model.modules():
+        forward = module.__dict__.get("forward")
+        if getattr(getattr(forward, "__func__", None), "__module__", "").startswith("utils.fast"):
+            del module.forward
+    if getattr(model.config, "_attn_implementation", None) == PACKED_ATTENTION:
+        model.set_attn_implementation("sdpa")
+    model.config.use_cache = True
+    model.eval()
