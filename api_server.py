@@ -168,8 +168,8 @@ def main(model_path: str = None, lora_model: str = None, lora_modules: str = Non
     api_key = c.text("api_key", api_key)
     settings = generation.check_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty,
                                          no_repeat_ngram_size, do_sample, checks=c)
+    keys = c.call(api_keys, api_key, default=[]) if api_key else []
     c.done()
-    keys = api_keys(api_key) if api_key else []
     with socket.socket() as probe:  # a taken port would otherwise fail only after the model has loaded
         try:
             probe.bind((host, port))

@@ -151,7 +151,7 @@ def main(
     trust_remote_code = None if trust_remote_code is None else c.boolean("trust_remote_code", trust_remote_code)
     if isinstance(data_dir, str) and not Path(data_dir).expanduser().is_dir():
         c.add(f"--data_dir={data_dir} is not a folder; pass an unpacked C-Eval or CMMLU folder (with dev/ and test/)")
-    if not isinstance(output_dir, bool) and output_problem(output_dir or ROOT / "eval_results", "output_dir"):
+    if not isinstance(output_dir, bool):
         c.add(output_problem(output_dir or ROOT / "eval_results", "output_dir"))
     if model_path and lora_model:
         c.add("--model_path and --lora_model exclude each other; pass a merged folder or an adapter folder")

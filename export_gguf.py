@@ -53,8 +53,7 @@ def main(
     target = Path(output).expanduser() if isinstance(output, str) else None
     # a folder: the file is named for the model; an existing .gguf is replaced
     into_folder = target is not None and (target.is_dir() or target.suffix != ".gguf")
-    if target is not None and output_problem(target if into_folder else target.parent, "output"):
-        c.add(output_problem(target if into_folder else target.parent, "output"))
+    c.add(output_problem(target if into_folder else target.parent, "output") if target is not None else None)
     if model_path and (Path(model_path).expanduser() / "adapter_config.json").is_file():
         c.add(f"{model_path} is a LoRA adapter folder; merge it first (python merge_lora.py --lora_model={model_path}) "
               "and export the merged folder")

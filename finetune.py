@@ -20,7 +20,7 @@ from utils.errors import is_main_process, run_cli
 from utils.files import output_problem
 from utils.flags import Checks
 from utils.records import PT_SUFFIXES, SFT_SUFFIXES, data_files
-from utils.report import end_of_run_report, probes_flag
+from utils.report import end_of_run_report, read_probes
 from utils.run_folder import BUILTIN, cleaned_up_on_write_errors, resume_point, save_run
 from utils.model import check_remote_code, load_tokenizer, pick_device, pick_dtype, resolve_model_path
 from utils.token_store import tokenized
@@ -147,7 +147,7 @@ def main(
     c.add(output_problem(output_dir, "output_dir") if isinstance(output_dir, str) else None)
     resume, skipped, problem = resume_point(output_dir, resume_from_checkpoint, overwrite_output_dir, dry_run)
     c.add(problem)
-    report, probes = c.boolean("report", report), probes_flag(c, probe_prompts, data_path == str(DEMO_DATA))
+    report, probes = c.boolean("report", report), c.call(read_probes, probe_prompts, data_path == str(DEMO_DATA))
     c.done()
     out, say = Path(output_dir), print if is_main_process() else (lambda *a, **k: None)
 
@@ -238,7 +238,7 @@ def main(
                          "gradient_accumulation_steps": gradient_accumulation_steps,
                          "train_loss": train_loss if math.isfinite(train_loss) else None,
                          "tokens_per_second": speed.tokens_per_second,
-                         "activation_checkpointing": bool(model.base_model.model.is_activation_checkpointing)},
+                         "activation_checkpointing": gradient_checkpointing},
         }, trainer.state.log_history)
         say(f"wrote the adapter, tokenizer, run_config.json and loss.png to {out}/ in {time.time() - t0:.0f} s "
             f"({result.global_step} steps, train loss {train_loss:.3f}, {speed.tokens_per_second or 0:.0f} tokens/s)")

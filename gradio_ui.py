@@ -189,10 +189,7 @@ def main(model_path: str = None, lora_model: str = None, base_model: str = None,
     concurrency = c.integer("concurrency", concurrency, 1)
     settings = generation.check_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty,
                                          no_repeat_ngram_size, do_sample, checks=c)
-    try:
-        logins = parse_auth(auth)
-    except UserError as e:
-        c.add(str(e).rstrip("."))
+    logins = c.call(parse_auth, auth)
     c.done()
     import socket  # a bad address or a taken port would otherwise fail only after the model has loaded
 

@@ -62,8 +62,7 @@ def main(
     overwrite, no_verify = c.boolean("overwrite_output_dir", overwrite_output_dir), c.boolean("no_verify", no_verify)
     allow_pickle = c.boolean("allow_pickle", allow_pickle)
     trust_remote_code = None if trust_remote_code is None else c.boolean("trust_remote_code", trust_remote_code)
-    if isinstance(output_dir, str) and output_problem(output_dir, "output_dir"):
-        c.add(output_problem(output_dir, "output_dir"))
+    c.add(output_problem(output_dir, "output_dir") if isinstance(output_dir, str) else None)
     c.done()
 
     from utils.merge import merge, parse_dtype

@@ -74,6 +74,20 @@ def remote_model_dir(tmp_path_factory, tokenizer):
     return folder
 
 
+def damaged_copy(source, folder, name, how="truncate"):
+    """A copy of the folder `source` at `folder`, its file `name` cut to half its size (how="truncate") or replaced
+    by the text `how`."""
+    import shutil
+
+    shutil.copytree(source, folder)
+    path = folder / name
+    if how == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.write_text(how, encoding="utf-8")
+    return folder
+
+
 @pytest.fixture
 def data_file(tmp_path):
     path = tmp_path / "train.json"

@@ -26,7 +26,7 @@ import warnings
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, damaged_copy
 from utils.errors import run_cli
 
 sys.path.insert(0, str(ROOT))
@@ -208,14 +208,10 @@ def also(*setups):
 def damaged_adapter(name=None, how="truncate"):
     """A copy of the adapter at {tmp}/damaged, with `name` cut to half its size or replaced by the text `how`."""
     def setup(tmp, places):
-        folder = tmp / "damaged"
-        shutil.copytree(places["adapter"], folder)
         if name:
-            path = folder / name
-            if how == "truncate":
-                path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-            else:
-                path.write_text(how, encoding="utf-8")
+            damaged_copy(places["adapter"], tmp / "damaged", name, how)
+        else:
+            shutil.copytree(places["adapter"], tmp / "damaged")
     return setup
 
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, damaged_copy
 
 
 @pytest.fixture(scope="module")
@@ -18,16 +18,6 @@ def run_folder(tmp_path_factory, tiny_model_dir, smollm2_dir):
                    check=True, capture_output=True, timeout=300)
     return out
 
-
-def damaged(run_folder, tmp_path, name, how):
-    folder = tmp_path / "damaged"
-    shutil.copytree(run_folder, folder)
-    path = folder / name
-    if how == "truncate":
-        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    else:
-        path.write_text(how, encoding="utf-8")
-    return folder
 
 
 CASES = [
@@ -46,7 +36,7 @@ CASES = [
 def test_damaged_adapter_folder_is_one_sentence(run_folder, tmp_path, script, name, how, message):
     import re
 
-    folder = damaged(run_folder, tmp_path, name, how)
+    folder = damaged_copy(run_folder, tmp_path / "damaged", name, how)
     extra = [f"--output_dir={tmp_path / 'merged'}"] if script == "merge_lora.py" else ["--prompt=hi"]
     proc = subprocess.run([sys.executable, str(ROOT / script), f"--lora_model={folder}", *extra], capture_output=True,
                           text=True, timeout=300)

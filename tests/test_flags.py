@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ROOT
 from utils.errors import UserError
-from utils.flags import Checks, unknown_flags
+from utils.flags import Checks, renamed, unknown_flags
 
 TYPOS = {"finetune.py": ("output_dri", "output_dir"), "merge_lora.py": ("dtpye", "precision"),
          "cli_demo.py": ("model_pth", "model_path"), "gradio_ui.py": ("server_prot", "server_port"),
@@ -182,3 +182,15 @@ def test_older_names_work_on_the_command_line(script, flags, tmp_path):
         assert proc.returncode == 2 and "--precision must be one of auto, bf16, fp16, fp32, got 'int4'" in proc.stderr
     else:
         assert proc.returncode == 2 and "--use_8bit and --use_4bit exclude each other" in proc.stderr
+
+
+def test_older_names_are_renamed_in_every_form_fire_reads():
+    def main(use_8bit: bool = False, precision: str = "auto"):
+        return use_8bit, precision
+
+    aliases = {"load_8bit": "use_8bit", "dtype": "precision"}
+    argv, problems = renamed(["--load-8bit=True", "-dtype=bf16", "--noload_8bit"], aliases)
+    assert argv == ["--use_8bit=True", "--precision=bf16", "--nouse_8bit"] and problems == []
+    assert unknown_flags(main, argv, aliases) == []
+    assert unknown_flags(main, ["--dtpye=x"], aliases) == [
+        "--dtpye is not a flag of this script (did you mean --precision?)"]

@@ -23,6 +23,18 @@ def cache_dir():
     return path
 
 
+def check_safetensors(path, fix):
+    """Refuse a safetensors file whose header does not parse or lists bytes the file does not hold (a copy cut
+    short): one sentence ending in `fix`. Only the header is read."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy"):
+            pass
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} is damaged or cut short ({e}); {fix}.") from None
+
+
 @contextlib.contextmanager
 def locked(path):
     """Hold an exclusive lock on `path` (created if needed); other processes asking for it wait."""

@@ -13,21 +13,30 @@ from utils.errors import UserError, as_list
 FIRE_FLAGS = {"help", "h"}  # fire's own, also accepted before its "--" separator
 
 
+def _flag(arg):
+    """(name, "=value" or "") of a flag as fire reads it (--name, -name, --name-with-dashes), or None for a value
+    (also a negative number)."""
+    if not arg.startswith("-") or arg == "--" or not (arg[1:2].isalpha() or arg[2:3].isalpha()):
+        return None
+    name, sep, value = arg.lstrip("-").partition("=")
+    return name.replace("-", "_"), sep + value
+
+
 def unknown_flags(main, argv, aliases=None):
-    """Names of --flags in argv that main does not take, each with a suggestion (an older name suggests the
-    current one); fire would run main first."""
+    """Names of --flags in argv (older names already `renamed`) that main does not take, each with a suggestion
+    (an older name suggests the current one); fire would run main first."""
     aliases = aliases or {}
-    names = set(inspect.signature(main).parameters) | set(aliases)
+    names = set(inspect.signature(main).parameters)
     problems = []
     for arg in argv:
         if arg == "--":
             break  # what follows is for fire itself (--help, --trace)
-        if not arg.startswith("-") or arg == "--" or not (arg[1:2].isalpha() or arg[2:3].isalpha()):
-            continue  # a value, also a negative number
-        name = arg.lstrip("-").split("=", 1)[0].replace("-", "_")  # fire reads -flag as --flag
+        if _flag(arg) is None:
+            continue
+        name = _flag(arg)[0]
         if name in names or name in FIRE_FLAGS or (name.startswith("no") and name[2:] in names):
             continue  # fire reads --noflag as --flag=False
-        close = difflib.get_close_matches(name, sorted(names), n=1, cutoff=0.7)
+        close = difflib.get_close_matches(name, sorted(names | set(aliases)), n=1, cutoff=0.7)
         problems.append(f"--{name} is not a flag of this script"
                         + (f" (did you mean --{aliases.get(close[0], close[0])}?)" if close else ""))
     return problems
@@ -41,11 +50,11 @@ def renamed(argv, aliases):
         if arg == "--":
             out += argv[len(out):]
             break
-        name, sep, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        name, value = _flag(arg) or ("", "")
         negated = name.startswith("no") and name[2:] in aliases
         old = name[2:] if negated else name
         if old in aliases:
-            arg = f"--{'no' if negated else ''}{aliases[old]}{sep}{value}"
+            arg = f"--{'no' if negated else ''}{aliases[old]}{value}"
         current = aliases.get(old, old)
         if current and current in seen and seen[current] != old:
             problems.append(f"pass either --{current} or its older name --{old if old != current else seen[current]}, "
@@ -68,13 +77,18 @@ class Checks:
         if problem:
             self.problems.append(problem)
 
-    def names(self, name, value):
-        """A comma-separated list of names ("a,b", or the tuple fire makes of it) as a list of names."""
+    def call(self, function, *args, default=None):
+        """function(*args), for checks that raise: a UserError becomes one of the problems, and `default` is
+        returned in its place."""
         try:
-            return as_list(value, name)
+            return function(*args)
         except UserError as e:
             self.add(str(e).rstrip("."))
-            return []
+            return default
+
+    def names(self, name, value):
+        """A comma-separated list of names ("a,b", or the tuple fire makes of it) as a list of names."""
+        return self.call(as_list, value, name, default=[])
 
     def done(self, hint="run with --help for every flag"):
         if self.problems:

@@ -37,11 +37,9 @@ def chat_model_flags(c, model_path, lora_model, base_model, template, input_patt
     if model_path and lora_model:
         c.add("--model_path and --lora_model exclude each other; pass a merged folder or an adapter folder")
     max_context, num_gpus = c.integer("max_context", max_context, 16, none=True), c.integer("num_gpus", num_gpus, 1)
-    try:
-        template = pick_template(c.text("template", template) or "auto", c.text("input_pattern", input_pattern))
-        check_template(template)
-    except UserError as e:
-        c.add(str(e).rstrip("."))
+    template = c.call(pick_template, c.text("template", template) or "auto", c.text("input_pattern", input_pattern),
+                      default="auto")
+    c.call(check_template, template)
     load = dict(model_path=model_path, lora_model=lora_model, base_model=base_model, template=template,
                 bits=8 if use_8bit is True else 4 if use_4bit is True else 16, num_gpus=num_gpus,
                 precision=c.choice("precision", precision, ("auto", "bf16", "fp16", "fp32")),
@@ -215,6 +213,13 @@ class Stream:
         self.stop_event.set()
 
 
+def keep_last_logits(model):
+    """{"logits_to_keep": 1} where the model's forward takes it (a peft model's forward takes **kwargs: its base
+    model's is read), so a prefill computes the last position's logits only; else {}."""
+    base = model.get_base_model() if hasattr(model, "peft_config") else model
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+
+
 def logits_processors(settings):
     """The logits processors model.generate builds for these settings, in the same order."""
     processors = LogitsProcessorList()
@@ -241,7 +246,7 @@ def decode(model, input_ids, settings, stop_event, seed=None):
     would seed generate), so concurrent answers do not disturb each other's reproducibility.
     """
     processors, generator = logits_processors(settings), None
-    keep_one = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    keep_one = keep_last_logits(model)
     ids, step_input, cache = input_ids, input_ids, None
     for _ in range(settings["max_new_tokens"]):
         if stop_event.is_set():

@@ -42,7 +42,7 @@ def gguf_name(hf_name):
 
 def weight_files(folder):
     """The folder's safetensors files, each checked to open (a cut-short shard is refused before any writing)."""
-    from safetensors import SafetensorError, safe_open
+    from utils.files import check_safetensors
 
     from utils.run_folder import read_json
 
@@ -53,12 +53,7 @@ def weight_files(folder):
         raise UserError(f"{folder} has no model.safetensors (or its shards); "
                         "export needs safetensors weights, e.g. a merge_lora.py output folder.")
     for f in files:
-        try:
-            with safe_open(str(folder / f), "pt"):
-                pass
-        except SafetensorError as e:
-            raise UserError(f"{folder / f} is damaged or cut short ({e}); "
-                            "merge again, or copy the file again.") from None
+        check_safetensors(folder / f, "merge again, or copy the file again")
     return files
 
 

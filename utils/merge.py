@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from utils.errors import UserError
-from utils.run_folder import RUN_CONFIG, adapter_base, find_adapter, read_json, read_run_config
+from utils.run_folder import adapter_base, find_adapter, read_json, read_run_config, write_run_config
 from utils.memory import available_memory, peak_rss
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -458,8 +458,7 @@ def _write_configs(tmp, base_path, base_config, plan, untie, vocab_size, tok_dir
             if (tok_dir / name).is_file():
                 shutil.copy2(tok_dir / name, tmp / name)
     merged_from = {"base_model": str(base_model), "adapter": str(adapter_dir)}
-    (tmp / RUN_CONFIG).write_text(json.dumps({**run_config, "merged_from": merged_from}, indent=2, ensure_ascii=False,
-                                             default=str) + "\n")
+    write_run_config(tmp, {**run_config, "merged_from": merged_from})
 
 
 def verify_merge(out, summary, modules, replace, tok_dir, sample=8):

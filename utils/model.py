@@ -113,15 +113,10 @@ def resolve_model_path(name, local_files_only=False, flag="base_model"):
 def check_weights(folder, flag="base_model"):
     """Refuse a model folder whose safetensors files are cut short or are not safetensors, before any work: each
     file's header is read, and safetensors checks that the file holds every byte the header lists."""
-    from safetensors import SafetensorError, safe_open
+    from utils.files import check_safetensors
 
     for file in sorted(Path(folder).glob("*.safetensors")):
-        try:
-            with safe_open(str(file), framework="numpy"):
-                pass
-        except (SafetensorError, OSError) as e:
-            raise UserError(f"{file} is damaged or cut short ({e}); copy or download --{flag} again (a merged "
-                            "model: merge again).") from None
+        check_safetensors(file, f"copy or download --{flag} again (a merged model: merge again)")
 
 
 def download_model_folder(path):

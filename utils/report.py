@@ -30,7 +30,9 @@ def read_probes(value, demo=False):
     if isinstance(value, (list, tuple)):
         return [probe for v in value for probe in read_probes(str(v))]
     path = Path(str(value))
-    if path.suffix not in (".json", ".txt") or not path.is_file():
+    if path.suffix in (".json", ".txt") and not path.is_file():
+        raise UserError(f"--probe_prompts={path} does not exist; pass a .json or .txt file of prompts, or the prompts.")
+    if path.suffix not in (".json", ".txt"):
         return [{"prompt": str(value), "expect": None}]
     try:
         if path.suffix == ".txt":
@@ -49,15 +51,6 @@ def read_probes(value, demo=False):
         raise UserError(f"--probe_prompts={path} is not a list of prompts ({type(e).__name__}: {e}); write a JSON "
                         'list of strings or of {"prompt": ..., "expect": "regex"}, or a .txt file of one prompt a line.'
                         ) from None
-
-
-def probes_flag(c, value, demo):
-    """read_probes for finetune's flag check: a problem goes into `c` (a utils.flags.Checks)."""
-    try:
-        return read_probes(value, demo)
-    except UserError as e:
-        c.add(str(e).rstrip("."))
-        return []
 
 
 def loops(ids, n=LOOP_NGRAM, repeats=LOOP_REPEATS):

@@ -76,8 +76,8 @@ def resume_point(output_dir, resume_from_checkpoint, overwrite, dry_run):
                                    f"{cut}; pass a checkpoint folder, or drop the flag")
     elif resume is not None and not isinstance(resume, str):
         return None, [], f"--resume_from_checkpoint must be a checkpoint folder or True, got {resume!r}"
-    elif resume is not None and checkpoint_problem(resume):
-        return None, [], (f"--resume_from_checkpoint: {checkpoint_problem(resume)}; "
+    elif resume is not None and (problem := checkpoint_problem(resume)):
+        return None, [], (f"--resume_from_checkpoint: {problem}; "
                           "pass a checkpoint-N folder finetune.py wrote, or True")
     if (resume is None and overwrite is not True and dry_run is not True
             and (checkpoints(out) or (out / "adapter_config.json").exists())):
@@ -168,7 +168,7 @@ def read_run_config(folder):
 def find_adapter(lora_model, flag="lora_model"):
     """The folder holding the adapter: --lora_model itself (a run or checkpoint-N/) or its older adapter_model/;
     its adapter_config.json must parse and its weights must be whole."""
-    from safetensors import SafetensorError, safe_open
+    from utils.files import check_safetensors
 
     folder = Path(lora_model).expanduser().resolve()
     if not folder.is_dir():
@@ -184,12 +184,7 @@ def find_adapter(lora_model, flag="lora_model"):
                         "restore it, or train again.")
     weights = adapter / "adapter_model.safetensors"
     if weights.is_file():
-        try:
-            with safe_open(str(weights), "pt"):
-                pass
-        except SafetensorError as e:
-            raise UserError(f"{weights} is damaged or cut short ({e}); "
-                            "train again, or pass a checkpoint-N folder of the run.") from None
+        check_safetensors(weights, "train again, or pass a checkpoint-N folder of the run")
     return adapter
 
 

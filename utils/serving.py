@@ -21,13 +21,12 @@ answer at a time through the same loop.
 """
 import collections
 import dataclasses
-import inspect
 import threading
 
 import torch
 import torch.nn.functional as F
 
-from utils.generation import Stream, logits_processors
+from utils.generation import Stream, keep_last_logits, logits_processors
 
 
 class QueueFull(Exception):
@@ -69,7 +68,7 @@ class Engine:
         self.peft = hasattr(model, "peft_config")
         self.device = model.get_input_embeddings().weight.device
         base = model.get_base_model() if self.peft else model
-        self.keep_one = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+        self.keep_one = keep_last_logits(model)
         # Rows are aligned by left-padding: a sliding-window layer keeps only its window, and a model's own code may
         # keep another cache; such models run one answer at a time.
         plain = all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)

@@ -138,15 +138,20 @@ def from_chat_template(tokenizer, name="auto"):
     return template
 
 
-def check_template(name):
-    """Refuse a --template that names no template before any model loads; a .json file is read and checked."""
-    if name == "auto" or name in builtin_names():
-        return
+def _template_file(name):
+    """(file, name) of a built-in template or a template .json path; anything else is refused."""
+    if name in builtin_names():
+        return TEMPLATE_DIR / f"{name}.json", name
     if str(name).endswith(".json") and Path(name).is_file():
-        _from_file(name, Path(name).stem)
-        return
+        return name, Path(name).stem
     raise UserError(f"unknown --template={name!r}; use auto, one of {', '.join(builtin_names())}, "
                     "or a path to a template .json file.")
+
+
+def check_template(name):
+    """Refuse a --template that names no template before any model loads; its file is read and checked."""
+    if name != "auto":
+        _from_file(*_template_file(name))
 
 
 def load_template(name, tokenizer):
@@ -155,12 +160,7 @@ def load_template(name, tokenizer):
         if getattr(tokenizer, "chat_template", None):
             return from_chat_template(tokenizer)
         name = "alpaca"
-    if name in builtin_names():
-        return _from_file(TEMPLATE_DIR / f"{name}.json", name)
-    if str(name).endswith(".json") and Path(name).is_file():
-        return _from_file(name, Path(name).stem)
-    raise UserError(f"unknown --template={name!r}; use auto, one of {', '.join(builtin_names())}, "
-                    "or a path to a template .json file.")
+    return _from_file(*_template_file(name))
 
 
 def resolve_template(name, tokenizer, run_config=None):
