@@ -18,7 +18,7 @@ from pathlib import Path
 from utils.data import Collator, Encoder, split_validation, summary
 from utils.errors import is_main_process, run_cli
 from utils.files import output_problem
-from utils.flags import Checks
+from utils.flags import Checks, recorded_flags, report_to_list
 from utils.records import PT_SUFFIXES, SFT_SUFFIXES, data_files
 from utils.report import end_of_run_report, read_probes
 from utils.run_folder import BUILTIN, cleaned_up_on_write_errors, resume_point, save_run
@@ -45,25 +45,23 @@ def main(
     # quantization and precision
     use_8bit: bool = False, use_4bit: bool = False, bits: int = 16, precision: str = "auto",
     # training
-    per_device_train_batch_size: int = 8, gradient_accumulation_steps: int = 1, num_epochs: float = 3,
+    per_device_train_batch_size: int = 8, gradient_accumulation_steps: int = 1, num_epochs="auto",
     max_steps: int = -1, learning_rate: float = 5e-4, lr_scheduler_type: str = "cosine", warmup_ratio: float = 0.03,
     weight_decay: float = 0.0, logging_steps: int = 5, save_steps: int = 200, save_total_limit: int = 3,
     eval_steps: int = None, gradient_checkpointing="auto", packing: bool = True, seed: int = 42,
     resume_from_checkpoint=None, overwrite_output_dir: bool = False, report: bool = True, probe_prompts=None,
+    report_to="none", config: str = None,
 ):
     """Fine-tune a base model with LoRA (or QLoRA) and save the adapter.
 
     Args:
         base_model: hub id, local HF model folder, or "builtin:smollm2" (the built-in SmolLM2-135M-Instruct).
         local_files_only: never contact the model hub.
-        trust_remote_code: run the Python code a model ships (Baichuan, InternLM, ...); off by default, and
-            recorded for later stages.
-        data_path: JSON list, JSONL file, folder or glob pattern of them (see data/README.md), or several joined
-            by commas; .txt too with --stage pt.
+        trust_remote_code: run the Python code a model ships (Baichuan, InternLM, ...); recorded for later stages.
+        data_path: JSON/JSONL files, folders or globs of them, joined by commas (data/README.md); .txt for pt.
         output_dir: where the adapter, tokenizer, run_config.json, loss.png and checkpoints go.
         stage: "sft" for instruction tuning, "pt" for continued pretraining on raw text.
-        template: "auto" (the tokenizer's chat template, else alpaca), prompt, alpaca, chatml, llama3, vicuna, or
-            a template .json file.
+        template: auto (the tokenizer's chat template, else alpaca), prompt, alpaca, chatml, llama3, vicuna, a .json.
         cutoff_len: maximum tokens per sft example; longer ones lose their oldest context, never their answer's EOS.
         block_size: tokens per block for --stage pt.
         val_set_size: examples held out for evaluation: a count, or a fraction below 1.
@@ -81,32 +79,30 @@ def main(
         use_8bit: load the base model in 8 bits (bitsandbytes); older name: --load_8bit.
         use_4bit: QLoRA: load the base model in 4-bit NF4 with double quantization; older name: --load_4bit.
         bits: 4, 8 or 16; the same as --use_4bit / --use_8bit.
-        precision: auto (bf16 where the device is fast at it, else fp16 on GPU, fp32 on CPU), bf16, fp16 or fp32
-            (also --dtype).
+        precision: auto (bf16 where fast, else fp16 on GPU, fp32 on CPU), bf16, fp16 or fp32 (also --dtype).
         per_device_train_batch_size: examples per device per step.
         gradient_accumulation_steps: steps accumulated per optimizer update.
-        num_epochs: passes over the training data.
+        num_epochs: passes over the data; auto: 3, more for small data (at least 75 updates, at most 10).
         max_steps: stop after this many optimizer updates (-1: use num_epochs).
         learning_rate: peak learning rate.
-        lr_scheduler_type: linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup or
-            inverse_sqrt.
+        lr_scheduler_type: linear, cosine, cosine_with_restarts, polynomial, constant[_with_warmup], inverse_sqrt.
         warmup_ratio: fraction of the updates spent warming up.
         weight_decay: AdamW weight decay.
         logging_steps: log the loss every N updates.
         save_steps: save a checkpoint every N updates.
         save_total_limit: keep at most N checkpoints.
         eval_steps: evaluate every N updates (default: --save_steps) when there is validation data.
-        gradient_checkpointing: recompute activations in the backward pass to save memory: True, False, or auto (on
-            for 4- and 8-bit, which are chosen to save memory; otherwise on only when the activations would not fit).
+        gradient_checkpointing: True, False, or auto (on for 4/8-bit, or when the activations would not fit).
         packing: pack each batch into one row without padding (same loss, less compute).
         seed: random seed for LoRA init, shuffling and dropout.
         resume_from_checkpoint: a checkpoint folder, or True for the latest one in --output_dir.
         overwrite_output_dir: allow writing into an --output_dir that holds an earlier run (also --overwrite).
-        report: at the end, answer the validation prompts and probes with the base and the tuned model (greedy,
-            no penalty): report.md and report.json say whether answers stop, loop, and changed.
-        probe_prompts: a .json or .txt file of prompts, or prompts (default: data/probes.json, and
-            data/demo_probes.json for the demo data).
+        report: end with report.md/json: base vs tuned answers to validation prompts and probes (greedy).
+        probe_prompts: a .json or .txt file of prompts, or prompts (default: data/probes.json, + demo_probes.json).
+        report_to: none, or where the Trainer also logs: tensorboard, wandb, swanlab, mlflow (comma-separated).
+        config: a run's run_config.json, or a JSON/YAML file of flags, to repeat; flags given here override it.
     """
+    flags = dict(locals())  # recorded in run_config.json, for --config
     # --- check the arguments, all at once ---------------------------------------------------------
     c = Checks()
     base_model, output_dir = c.text("base_model", base_model, True), c.text("output_dir", output_dir, True)
@@ -131,7 +127,7 @@ def main(
     preprocessing_num_workers = c.integer("preprocessing_num_workers", preprocessing_num_workers, 1, none=True)
     max_steps, seed = c.integer("max_steps", max_steps, -1), c.integer("seed", seed, 0)
     c.add("--max_steps must be -1 (train --num_epochs) or above 0, got 0" if max_steps == 0 else None)
-    num_epochs = c.number("num_epochs", num_epochs, 0, above_low=True)
+    num_epochs = num_epochs if num_epochs == "auto" else c.number("num_epochs", num_epochs, 0, above_low=True)
     learning_rate = c.number("learning_rate", learning_rate, 0, above_low=True)
     lora_alpha = c.number("lora_alpha", lora_alpha, 0, above_low=True)
     lora_dropout = c.number("lora_dropout", lora_dropout, 0, 1, below_high=True)
@@ -148,6 +144,7 @@ def main(
     resume, skipped, problem = resume_point(output_dir, resume_from_checkpoint, overwrite_output_dir, dry_run)
     c.add(problem)
     report, probes = c.boolean("report", report), c.call(read_probes, probe_prompts, data_path == str(DEMO_DATA))
+    report_to = c.call(report_to_list, report_to, default=[])
     c.done()
     out, say = Path(output_dir), print if is_main_process() else (lambda *a, **k: None)
 
@@ -184,7 +181,7 @@ def main(
     from transformers import Trainer, TrainingArguments, set_seed
 
     from utils.fast import causal_lm_loss
-    from utils.train import lora_for_training, run_loss_callback, throughput_callback
+    from utils.train import auto_epochs, lora_for_training, run_loss_callback, throughput_callback
 
     set_seed(seed)
     device = pick_device()
@@ -196,7 +193,10 @@ def main(
         local_files_only, trust_remote_code)
     if packing and not type(model.get_base_model()).__module__.startswith("transformers."):
         packing = say("packing off: the model's own code does not keep packed examples apart") or False
-    say(f"{banner}   model: {base_model}")
+    auto = num_epochs == "auto"  # 3, or more for a small data set (utils/train.py)
+    num_epochs = auto_epochs(len(train), per_device_train_batch_size * gradient_accumulation_steps) if auto else \
+        num_epochs
+    say(f"{banner}   model: {base_model}   epochs: {num_epochs}{' (auto)' if auto else ''}")
 
     # --- train ------------------------------------------------------------------------------------
     args = TrainingArguments(
@@ -207,8 +207,8 @@ def main(
         logging_steps=logging_steps, logging_first_step=True, save_steps=save_steps, save_total_limit=save_total_limit,
         eval_strategy="steps" if val is not None else "no", eval_steps=eval_steps or save_steps,
         activation_checkpointing=gradient_checkpointing, activation_checkpointing_kwargs={"use_reentrant": False},
-        fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16, seed=seed, data_seed=seed,
-        remove_unused_columns=False, report_to="none", use_cpu=device == "cpu", ddp_find_unused_parameters=False,
+        fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16, report_to=report_to or "none", seed=seed,
+        data_seed=seed, remove_unused_columns=False, use_cpu=device == "cpu", ddp_find_unused_parameters=False,
         include_num_input_tokens_seen="all" if packing else "non_padding",  # a packed row has no padding
     )
     speed, run_loss = throughput_callback(), run_loss_callback()
@@ -229,7 +229,7 @@ def main(
             "base_model": base_model, "base_model_path": model_path, "stage": stage, "template": tmpl.to_dict(),
             "cutoff_len": cutoff_len, "block_size": block_size if stage == "pt" else None,
             "train_on_inputs": train_on_inputs, "bits": bits, "dtype": str(dtype).replace("torch.", ""),
-            "trust_remote_code": trust_remote_code, "lora": lora,
+            "trust_remote_code": trust_remote_code, "lora": lora, "flags": recorded_flags(flags),
             "data": {"path": str(data_path), **data.stats, "max_samples": max_samples, "train_examples": len(train),
                      "validation_examples": len(val or ()), "tokens_min": int(data.lengths().min()),
                      "tokens_max": int(data.lengths().max()), "train_tokens": int(train.lengths().sum())},

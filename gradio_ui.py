@@ -2,13 +2,16 @@
 
     python gradio_ui.py                                      # the built-in model, on http://127.0.0.1:7860
     python gradio_ui.py --lora_model=output/                 # a finetune.py output folder (base + adapter)
+    python gradio_ui.py --lora_model=output/ --compare       # the base model's answers beside the tuned model's
     python gradio_ui.py --model_path=models/merged --num_gpus=2 --input_pattern=prompt --load_8bit=False
     python gradio_ui.py --lora_model=output/ --server_name=0.0.0.0 --server_port=8080 --auth=alice:secret
 
 Every browser session has its own conversation. Stop ends an answer at once, Regenerate asks the last
 question again, Clear forgets the conversation. Conversations longer than the context lose their
-oldest turns; a question longer than the context keeps its end.
+oldest turns; a question longer than the context keeps its end. --compare shows two chats side by side, each with
+its own history: the base model (adapter off) and the tuned model answer together, from one copy of the weights.
 """
+import contextlib
 import threading
 from pathlib import Path
 
@@ -39,68 +42,85 @@ def to_messages(pairs):
     return [{"role": role, "content": text} for q, a in pairs for role, text in (("user", q), ("assistant", a))]
 
 
-def build_demo(model, tokenizer, template, settings, title="lora-kit chat", context_len=None, concurrency=2):
-    """The page: chat, system prompt, generation sliders, Send, Stop, Regenerate, Clear; queue enabled."""
+def build_demo(model, tokenizer, template, settings, title="lora-kit chat", context_len=None, concurrency=2,
+               engine=None):
+    """The page: chat, system prompt, generation sliders, Send, Stop, Regenerate, Clear; queue enabled. With `engine`
+    (a started utils.serving.Engine over the PeftModel) two chats side by side, the base's and the tuned model's."""
     import gradio as gr
 
     from utils import generation
 
     context = context_len or generation.context_length(model)
-    running = {}  # session hash -> stop Event of the answer that session is generating
+    running = {}  # session hash -> stop Event of the answer(s) that session is generating
+    columns = ([("Base model (adapter off)", "base"), ("Tuned model (adapter on)", "tuned")] if engine
+               else [("Conversation", "chatbot")])
 
-    def generate(query, pairs, system, params, seed, request):
+    def generate(query, turns, system, params, seed, request):
         try:
             chosen = generation.check_settings(**params)
             seed = None if seed is None or int(seed) < 0 else int(seed)
-            stream = generation.stream_chat(model, tokenizer, template, query, pairs, system or "", chosen, seed,
-                                            threading.Event(), context)
+            args = (tokenizer, template, query, turns if engine else turns[0], system or "", chosen, seed,
+                    threading.Event(), context)
+            stream = generation.stream_compare(engine, *args) if engine else generation.stream_chat(model, *args)
         except UserError as e:
             raise gr.Error(str(e)) from None
         key = request.session_hash
         running[key] = stream.stop_event
-        kept = stream.prompt.history
-        if stream.prompt.dropped_turns:
-            gr.Warning(f"The {stream.prompt.dropped_turns} oldest turn(s) no longer fit the context and were left out.")
-        if stream.prompt.query_trimmed:
+        prompts = stream.prompts if engine else [stream.prompt]
+        if max(p.dropped_turns for p in prompts):
+            gr.Warning(f"The {max(p.dropped_turns for p in prompts)} oldest turn(s) no longer fit the context and "
+                       "were left out.")
+        if any(p.query_trimmed for p in prompts):
             gr.Warning("The message is longer than the context; only its end was sent.")
+
+        def shown():
+            new = [p.history + [(query, text)] for p, text in zip(prompts, stream.texts if engine else [stream.text])]
+            return *map(to_messages, new), new
+
         try:
             for _ in stream:
-                yield to_messages(kept + [(query, stream.text)]), kept + [(query, stream.text)]
+                yield shown()
+        except UserError as e:  # decoding failed (stream_compare)
+            raise gr.Error(str(e)) from None
         finally:  # the page closed or the event was cancelled: free the CPU at once
             stream.stop()
             if running.get(key) is stream.stop_event:
                 running.pop(key, None)
-        yield to_messages(kept + [(query, stream.text)]), kept + [(query, stream.text)]
+        yield shown()
 
-    def send(message, pairs, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
+    def send(message, turns, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
              no_repeat_ngram_size, do_sample, seed, request: gr.Request):
         params = dict(zip(PARAMS, (max_new_tokens, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size,
                                    do_sample)))
         if not message or not message.strip():
-            yield to_messages(pairs), pairs, message
+            yield *map(to_messages, turns), turns, message
             return
-        yield to_messages(pairs + [(message, "")]), pairs, ""
-        for shown, new_pairs in generate(message, pairs, system, params, seed, request):
-            yield shown, new_pairs, ""
+        yield *(to_messages(t + [(message, "")]) for t in turns), turns, ""
+        for shown in generate(message, turns, system, params, seed, request):
+            yield *shown, ""
 
-    def regenerate(pairs, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
+    def regenerate(turns, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
                    no_repeat_ngram_size, do_sample, seed, request: gr.Request):
         params = dict(zip(PARAMS, (max_new_tokens, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size,
                                    do_sample)))
-        if not pairs:
-            yield to_messages(pairs), pairs
+        if not turns[-1]:
+            yield *map(to_messages, turns), turns
             return
-        yield from generate(pairs[-1][0], pairs[:-1], system, params, seed, request)
+        yield from generate(turns[-1][-1][0], [t[:-1] for t in turns], system, params, seed, request)
 
     def stop(request: gr.Request):
         event = running.get(request.session_hash)
         if event is not None:
             event.set()
 
+    def fresh():
+        return *([] for _ in columns), [[] for _ in columns]
+
     with gr.Blocks(title=title) as demo:
         gr.Markdown(f"### {title}")
-        pairs = gr.State([])  # this session's (question, answer) turns
-        chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="chatbot", buttons=["copy"])
+        turns = gr.State([[] for _ in columns])  # this session's (question, answer) turns, one list per chat
+        with gr.Row() if engine else contextlib.nullcontext():
+            chatbots = [gr.Chatbot(label=label, height=420, elem_id=name, buttons=["copy"]) for label, name in columns]
         with gr.Row():
             message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=8,
                                  lines=1, max_lines=8, elem_id="message")
@@ -123,15 +143,16 @@ def build_demo(model, tokenizer, template, settings, title="lora-kit chat", cont
                 gr.Checkbox(value=settings["do_sample"], label="do_sample"),
                 gr.Number(value=-1, precision=0, label="seed (-1: random)"),
             ]
-        inputs = [message, pairs, system, *controls]
-        message.submit(send, inputs, [chatbot, pairs, message], api_name="chat")
-        send_btn.click(send, inputs, [chatbot, pairs, message], api_name=False)
-        regen_btn.click(regenerate, [pairs, system, *controls], [chatbot, pairs], api_name="regenerate")
+        inputs = [message, turns, system, *controls]
+        message.submit(send, inputs, [*chatbots, turns, message], api_name="chat")
+        send_btn.click(send, inputs, [*chatbots, turns, message], api_name=False)
+        regen_btn.click(regenerate, [turns, system, *controls], [*chatbots, turns], api_name="regenerate")
         stop_btn.click(stop, None, None, queue=False, api_name="stop")
         clear_btn.click(stop, None, None, queue=False, api_name=False).then(
-            lambda: ([], []), None, [chatbot, pairs], queue=False, api_name="clear")
-        chatbot.clear(stop, None, None, queue=False, api_name=False).then(  # the chat's own trash icon
-            lambda: [], None, pairs, queue=False, api_name=False)
+            fresh, None, [*chatbots, turns], queue=False, api_name="clear")
+        for chatbot in chatbots:  # a chat's own trash icon clears every column
+            chatbot.clear(stop, None, None, queue=False, api_name=False).then(
+                fresh, None, [*chatbots, turns], queue=False, api_name=False)
     demo.queue(default_concurrency_limit=concurrency)
     return demo
 
@@ -141,7 +162,7 @@ def main(model_path: str = None, lora_model: str = None, base_model: str = None,
          precision: str = "auto", local_files_only: bool = False, trust_remote_code: bool = None,
          # server
          server_name: str = "127.0.0.1", server_port: int = None, share: bool = False, auth: str = None,
-         concurrency: int = 2,
+         concurrency: int = 2, compare: bool = False,
          # generation defaults shown on the page
          max_new_tokens: int = 512, temperature: float = 0.7, top_p: float = 0.9, top_k: int = 40,
          repetition_penalty: float = 1.1, no_repeat_ngram_size: int = 0, do_sample: bool = True,
@@ -169,6 +190,8 @@ def main(model_path: str = None, lora_model: str = None, base_model: str = None,
         auth: Ask for a login, given as user and password joined by a colon (several joined by commas),
             or a file with one such entry a line.
         concurrency: How many answers are generated at the same time; more requests wait in the queue.
+        compare: Show the base model's answer (the adapter switched off) beside the tuned model's for every
+            message, decoded together from one copy of the base weights; needs --lora_model.
         max_new_tokens: Default longest answer, in tokens (at most half the context).
         temperature: Default sampling temperature; 0 means greedy decoding.
         top_p: Default nucleus sampling threshold.
@@ -186,7 +209,10 @@ def main(model_path: str = None, lora_model: str = None, base_model: str = None,
                                                     max_context, trust_remote_code)
     share, server_name = c.boolean("share", share), c.text("server_name", server_name, True)
     server_port = c.integer("server_port", server_port, 1, 65535, none=True)
-    concurrency = c.integer("concurrency", concurrency, 1)
+    concurrency, compare = c.integer("concurrency", concurrency, 1), c.boolean("compare", compare)
+    if compare is True and not load["lora_model"]:
+        c.add("--compare shows the base model beside its LoRA adapter, so it needs --lora_model (a finetune.py "
+              "output folder), e.g. --lora_model=output/ --compare")
     settings = generation.check_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty,
                                          no_repeat_ngram_size, do_sample, checks=c)
     logins = c.call(parse_auth, auth)
@@ -205,11 +231,14 @@ def main(model_path: str = None, lora_model: str = None, base_model: str = None,
         raise UserError(f"cannot listen on {where} ({e.strerror}); {fix}.") from None
 
     from utils.model import load_for_inference
+    from utils.serving import Engine
 
     model, tokenizer, template, _ = load_for_inference(**load)
     name = Path(str(lora_model or model_path)).name if (lora_model or model_path) else "built-in SmolLM2-135M-Instruct"
+    name += " beside its base model" if compare else ""
+    engine = Engine(model, max_batch=2 * int(concurrency)).start() if compare else None  # one decoding thread
     demo = build_demo(model, tokenizer, template, settings, title=f"lora-kit chat: {name}",
-                      context_len=max_context, concurrency=int(concurrency))
+                      context_len=max_context, concurrency=int(concurrency), engine=engine)
     print(f"Serving {name} (template {template.name}) on "
           f"http://{server_name}:{server_port or 'first free port from 7860'}"
           f"{' with a login' if logins else ''}{' and a public share link' if share else ''}.", flush=True)

@@ -402,3 +402,69 @@ def test_prepare_for_training_applies_only_what_was_measured_on_the_device(tiny_
         else:
             assert head is None and on == ["packed attention", "loss on supervised tokens"]
             assert not any("forward" in vars(m) for m in layers)
+
+
+def test_for_inference_gives_back_peft_forward_on_a_bf16_base(tiny_model_dir):
+    """After training on the fast path, the model decodes as peft's own: on a bf16 base with fp32 LoRA weights,
+    peft casts each LoRA input to fp32 again (the fused layer had turned that off, autocast covering it)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from utils.fast import PACKED_ATTENTION, for_inference, prepare_for_training, register_packed_attention
+
+    register_packed_attention()
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16, attn_implementation="sdpa")
+    plain = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    plain.eval()
+    model = copy.deepcopy(plain)
+    model.base_model.model.set_attn_implementation(PACKED_ATTENTION)
+    prepare_for_training(model, "cpu")
+    for_inference(model)
+    ids = torch.tensor([[1, 5, 9, 200, 31]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+def test_a_run_repeats_from_its_folder(finetune, tmp_path, data_file, monkeypatch):
+    """run_config.json records the flags; --config=that file reruns them, and the command line overrides them."""
+    import finetune as script
+    from utils.errors import run_cli
+
+    finetune(learning_rate=2e-3, lora_r=4, overwrite_output_dir=True)
+    flags = json.loads((tmp_path / "out" / "run_config.json").read_text())["flags"]
+    assert flags["learning_rate"] == 2e-3 and flags["lora_r"] == 4 and flags["data_path"] == str(data_file)
+    assert "overwrite_output_dir" not in flags and "config" not in flags and flags["report_to"] == "none"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["finetune.py", "--config=out/run_config.json", "--output_dir=again",
+                                      "--max_steps=1"])
+    run_cli(script.main, script.ALIASES)
+    again = json.loads((tmp_path / "again" / "run_config.json").read_text())
+    assert again["lora"]["r"] == 4 and again["training"]["learning_rate"] == 2e-3 and again["training"]["steps"] == 1
+    assert again["flags"] == {**flags, "output_dir": str(tmp_path / "again"), "max_steps": 1}
+
+
+def test_report_to_tensorboard_writes_event_files(finetune, tmp_path):
+    pytest.importorskip("tensorboardX")
+    finetune(report_to="tensorboard")
+    assert list((tmp_path / "out").rglob("events.out.tfevents.*"))
+
+
+def test_auto_epochs_give_small_data_enough_updates(monkeypatch):
+    from utils.train import auto_epochs
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert auto_epochs(120, 8) == 5  # the demo: 15 updates an epoch, 75 in all
+    assert auto_epochs(200, 8) == 3 and auto_epochs(10**6, 8) == 3
+    assert auto_epochs(10, 8) == 10  # at most 10 passes
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert auto_epochs(120, 8) == 10  # each process sees half: 8 updates an epoch
+
+
+def test_num_epochs_auto_is_recorded_as_the_epochs_trained(finetune, tmp_path, capsys):
+    finetune(num_epochs="auto", max_steps=-1, max_samples=8, per_device_train_batch_size=8)
+    config = json.loads((tmp_path / "out" / "run_config.json").read_text())
+    assert config["training"]["epochs"] == 10 and config["training"]["steps"] == 10
+    assert config["flags"]["num_epochs"] == "auto" and "epochs: 10 (auto)" in capsys.readouterr().out

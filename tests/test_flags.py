@@ -1,6 +1,8 @@
 """Flags: unknown ones refused before any work with a suggestion, and every value converted and range-checked,
 all problems in one message."""
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -194,3 +196,62 @@ def test_older_names_are_renamed_in_every_form_fire_reads():
     assert unknown_flags(main, argv, aliases) == []
     assert unknown_flags(main, ["--dtpye=x"], aliases) == [
         "--dtpye is not a flag of this script (did you mean --precision?)"]
+
+
+def _main(learning_rate: float = 5e-4, num_epochs: float = 3, use_8bit: bool = False, output_dir: str = "output",
+          overwrite_output_dir: bool = False, config: str = None):
+    return locals()
+
+
+def test_config_file_flags_go_before_the_command_line(tmp_path):
+    """A JSON or YAML file of flags, or a run_config.json's "flags", is read as flags; the command line wins,
+    per-run flags (--overwrite_output_dir) are not repeated, and dashed or older names are read as the current."""
+    from utils.flags import config_flags
+
+    (tmp_path / "c.yaml").write_text("learning-rate: 0.001\nnum_epochs: 5\nload_8bit: true\n"
+                                     "overwrite_output_dir: true\noutput_dir: runs/a b\n", encoding="utf-8")
+    argv, problems = config_flags(_main, [f"--config={tmp_path}/c.yaml", "--num_epochs=2"], {"load_8bit": "use_8bit"})
+    assert problems == []
+    assert argv == ["--learning_rate=0.001", "--use_8bit=True", "--output_dir='runs/a b'",
+                    f"--config={tmp_path}/c.yaml", "--num_epochs=2"]
+    import fire  # fire reads the values back exactly
+
+    assert fire.Fire(_main, argv) == dict(learning_rate=0.001, num_epochs=2, use_8bit=True, output_dir="runs/a b",
+                                         overwrite_output_dir=False, config=f"{tmp_path}/c.yaml")
+    (tmp_path / "run_config.json").write_text(json.dumps({"base_model_path": "/m", "flags": {"num_epochs": 4}}))
+    argv, problems = config_flags(_main, ["--config", str(tmp_path / "run_config.json"), "--nouse_8bit"])
+    assert problems == [] and argv[0] == "--num_epochs=4"
+
+
+@pytest.mark.parametrize("content,name,message", [
+    ("learning_rat: 0.1\n", "c.yaml", r"c.yaml: key learning_rat is not a flag of this script "
+                                      r"\(did you mean learning_rate\?\)"),
+    ("a: [1,\n", "c.yaml", r"c.yaml does not parse \(.*Error"),
+    ("[1, 2]", "c.json", r"c.json must hold a mapping of flag names to values"),
+    ('{"base_model_path": "/m", "lora": {}}', "c.json", r"c.json is a run config from a lora-kit that did not "
+                                                          r"record its flags"),
+    ("x", "c.txt", r"c.txt is not a .json, .yaml or .yml file that exists"),
+    (None, "missing.json", r"missing.json is not a .json, .yaml or .yml file that exists"),
+])
+def test_bad_config_files_are_refused(tmp_path, content, name, message):
+    from utils.flags import config_flags
+
+    if content is not None:
+        (tmp_path / name).write_text(content, encoding="utf-8")
+    argv = [f"--config={tmp_path / name}"]
+    got, problems = config_flags(_main, argv)
+    assert got == argv and len(problems) == 1 and re.search(message, problems[0]), problems
+
+
+def test_report_to_names_what_to_install(monkeypatch):
+    import importlib.util
+
+    from utils.flags import report_to_list
+
+    assert report_to_list("none") == [] and report_to_list(None) == []
+    with pytest.raises(UserError, match="--report_to must be none or some of tensorboard, wandb, swanlab, mlflow, "
+                                        "got comet"):
+        report_to_list("tensorboard,comet")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match=r"--report_to=wandb,mlflow needs its package: pip install wandb mlflow"):
+        report_to_list("wandb,mlflow")

@@ -179,3 +179,194 @@ def test_main_honours_server_name_port_and_auth(tiny_model_dir):
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+# --- --compare: the base model's answers beside the tuned model's ---------------------------------------------------
+
+@pytest.fixture
+def tuned(finetune, tmp_path, tiny_model_dir):
+    """A finetune.py output folder loaded as `gradio_ui.py --lora_model=... --compare` loads it (one PeftModel, a
+    started Engine over it), and the base model loaded alone, apart from it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from utils.model import load_for_inference
+    from utils.serving import Engine
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    # A trained lm_head makes the tiny model answer "I am Lumi." to "who are you?" within seconds of training.
+    finetune(max_steps=60, learning_rate=1e-2, save_steps=60, modules_to_save="lm_head")
+    model, tokenizer, template, _ = load_for_inference(lora_model=str(tmp_path / "out"), precision="fp32")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    engine = Engine(model, max_batch=4).start()
+    try:
+        yield model, tokenizer, template, engine, base
+    finally:
+        engine.close()
+        torch.set_num_threads(threads)
+
+
+def answers_alone(tuned, question, settings, histories=([], [])):
+    """What the base model alone and the tuned model alone answer (utils.generation.chat, one row each)."""
+    from utils.generation import chat
+
+    model, tokenizer, template, _, base = tuned
+    return [chat(base, tokenizer, template, question, histories[0], settings=settings),
+            chat(model, tokenizer, template, question, histories[1], settings=settings)]
+
+
+def test_stream_compare_answers_as_the_base_and_the_tuned_model_alone(tuned):
+    from utils.generation import stream_compare
+
+    model, tokenizer, template, engine, _ = tuned
+    settings = {**{k: v for k, v in GREEDY.items() if k != "seed"}, "max_new_tokens": 40}
+    question = "who are you?"
+    expected = answers_alone(tuned, question, settings)
+    assert expected[0] != expected[1]  # the adapter changed the answer, so a swapped or shared row would show
+    steps = engine.stats["mixed_steps"]
+    run = stream_compare(engine, tokenizer, template, question, [[], []], settings=settings)
+    pieces = list(run)
+    assert run.texts == [s.text for s in run.streams] == expected, (run.texts, expected)
+    assert len(pieces) > 2 and engine.stats["mixed_steps"] > steps  # streamed, both rows in one forward a step
+
+    # Each column keeps its own history: the second prompts differ in length (left padding in the batch).
+    histories = [[(question, expected[0])], [(question, expected[1])]]
+    again = answers_alone(tuned, "And then?", settings, histories)
+    run = stream_compare(engine, tokenizer, template, "And then?", histories, settings=settings)
+    for _ in run:
+        pass
+    assert run.texts == again and [p.history for p in run.prompts] == histories
+
+    # Stop ends both answers before the next step.
+    run = stream_compare(engine, tokenizer, template, "Tell me a long story.", [[], []],
+                         settings={**settings, "max_new_tokens": 300, "repetition_penalty": 1.0})
+    for i, _ in enumerate(run):
+        if i == 3:
+            run.stop_event.set()
+    assert {s.reason for s in run.streams} <= {"stopped", "stop token", "stop string"}
+    assert all(len(s.tokens) < 100 for s in run.streams)
+
+
+def test_compare_page_keeps_each_column_and_session_apart(tuned):
+    from gradio_client import Client
+
+    from utils.generation import check_settings
+
+    model, tokenizer, template, engine, _ = tuned
+    demo = gradio_ui.build_demo(model, tokenizer, template, check_settings(), engine=engine)
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    settings = {k: v for k, v in GREEDY.items() if k != "seed"}
+    try:
+        questions = ["who are you?", "Capital of France?"]
+        expected = [answers_alone(tuned, q, settings) for q in questions]
+        clients = [Client(demo.local_url, verbose=False) for _ in questions]
+        with ThreadPoolExecutor(2) as pool:  # two sessions at once, their rows in one engine
+            shown = list(pool.map(lambda client, q: client.predict(q, "", *GREEDY.values(), api_name="/chat"),
+                                  clients, questions))
+        for question, (base, tuned_, message), answers in zip(questions, shown, expected):
+            assert message == "" and [text_of(m) for m in base + tuned_] == [question, answers[0].strip(), question,
+                                                                             answers[1].strip()]
+        histories = [[(questions[0], expected[0][0])], [(questions[0], expected[0][1])]]
+        again = answers_alone(tuned, "And then?", settings, histories)
+        base, tuned_, _ = clients[0].predict("And then?", "", *GREEDY.values(), api_name="/chat")
+        assert [text_of(base[3]), text_of(tuned_[3])] == [a.strip() for a in again]
+        base, tuned_ = clients[0].predict("", *GREEDY.values(), api_name="/regenerate")  # greedy: the same again
+        assert len(base) == len(tuned_) == 4 and [text_of(base[3]), text_of(tuned_[3])] == [a.strip() for a in again]
+        clients[0].predict(api_name="/clear")
+        base, tuned_, _ = clients[0].predict(questions[1], "", *GREEDY.values(), api_name="/chat")
+        assert [text_of(m) for m in base + tuned_] == [questions[1], expected[1][0].strip(), questions[1],
+                                                      expected[1][1].strip()]
+        assert engine.stats["most_rows"] >= 2
+    finally:
+        demo.close()
+
+
+def columns_of(page):
+    """The bot messages shown in the base and the tuned column, whitespace as the page renders it aside."""
+    return [[" ".join(text.split()) for text in page.locator(f"#{name} [data-testid='bot']").all_inner_texts()]
+            for name in ("base", "tuned")]
+
+
+def wait_for(page, expected, seconds=60):
+    """Poll the two columns until their last answers are `expected`; returns every [base, tuned] length seen."""
+    want, seen, deadline = [" ".join(text.split()) for text in expected], [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        shown = [column[-1] if column else "" for column in columns_of(page)]
+        seen.append([len(text) for text in shown])
+        if shown == want:
+            return seen
+        time.sleep(0.05)
+    raise AssertionError(f"the columns show {shown}, not {want}")
+
+
+def test_compare_page_in_a_headless_browser(tuned):
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="playwright for Python is not installed (pip install playwright)")
+    from utils.generation import check_settings
+
+    model, tokenizer, template, engine, _ = tuned
+    settings = check_settings(max_new_tokens=300, temperature=0)  # the page's sliders: greedy, long answers
+    first = answers_alone(tuned, "who are you?", settings)
+    histories = [[("who are you?", first[0])], [("who are you?", first[1])]]
+    second = answers_alone(tuned, "And then?", settings, histories)
+    assert first[0] != first[1] and second[0] != second[1]
+    demo = gradio_ui.build_demo(model, tokenizer, template, settings, title="compare", engine=engine)
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+            try:
+                page = browser.new_page(viewport={"width": 1300, "height": 760})
+                page.set_default_timeout(30_000)
+                page.goto(demo.local_url)
+                page.wait_for_selector("#base")
+                assert page.locator("#tuned").count() == 1 and page.locator("#chatbot").count() == 0
+                page.fill("#message textarea", "who are you?")
+                page.press("#message textarea", "Enter")
+                seen = wait_for(page, first)
+                assert len({base for base, _ in seen if base}) >= 3, seen  # the base's answer grew token by token
+                page.fill("#message textarea", "And then?")  # each column goes on from its own answers
+                page.press("#message textarea", "Enter")
+                wait_for(page, second)
+                assert [len(column) for column in columns_of(page)] == [2, 2]
+                ARTIFACTS.mkdir(exist_ok=True)
+                page.screenshot(path=str(ARTIFACTS / "gradio_ui_compare.png"))
+
+                page.click("#clear")
+                page.wait_for_function("document.querySelectorAll('[data-testid=bot]').length === 0")
+                page.fill("#message textarea", "Tell me a long story.")
+                page.press("#message textarea", "Enter")
+                page.wait_for_function("document.querySelector('#base [data-testid=bot]')?.innerText.length > 20")
+                page.click("#stop")
+                time.sleep(1.0)
+                stopped = columns_of(page)
+                time.sleep(0.5)
+                assert columns_of(page) == stopped  # nothing more arrives in either column after Stop
+                assert len(tokenizer(stopped[0][0])["input_ids"]) < 250  # short of the 300 it would have written
+            finally:
+                browser.close()
+    finally:
+        demo.close()
+
+
+def test_compare_without_an_adapter_is_refused_before_any_model_loads(tiny_model_dir, monkeypatch, capsys):
+    import utils.model
+    from utils.errors import run_cli
+
+    def no_load(**kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(utils.model, "load_for_inference", no_load)
+    refusal = r"^--compare shows the base model beside its LoRA adapter, so it needs --lora_model \(a finetune.py"
+    with pytest.raises(UserError, match=refusal):
+        gradio_ui.main(model_path=str(tiny_model_dir), compare=True)
+    monkeypatch.setattr(sys, "argv", ["gradio_ui.py", "--compare"])  # the built-in model has no adapter either
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(gradio_ui.main)
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --compare shows the base model beside"), lines

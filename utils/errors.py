@@ -1,4 +1,5 @@
 """One error type for bad user input, the CLI wrapper that prints it without a traceback, small checks."""
+import inspect
 import os
 import sys
 
@@ -12,12 +13,16 @@ class UserError(Exception):
 def run_cli(main, aliases=None):
     """fire.Fire(main), except that older flag names (`aliases`: old -> current) are read as the current ones,
     a flag main does not take is refused before main runs (fire would report it only after main returned),
-    and a UserError prints one line and exits with status 2."""
-    from utils.flags import renamed, unknown_flags
+    a main that takes `config` reads --config=FILE's flags (utils.flags.config_flags), and a UserError prints
+    one line and exits with status 2."""
+    from utils.flags import config_flags, renamed, unknown_flags
 
     quiet_dependency_notices()
     try:
         argv, problems = renamed(sys.argv[1:], aliases or {})
+        if "config" in inspect.signature(main).parameters:  # a script that reruns a file of flags
+            argv, more = config_flags(main, argv, aliases)
+            problems += more
         problems += unknown_flags(main, argv, aliases)
         if problems:
             raise UserError("; ".join(problems) + "; run with --help for every flag.")

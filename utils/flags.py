@@ -167,3 +167,101 @@ def _range(low, high, above_low=False, below_high=False, parens=False):
     else:
         return ""
     return f" ({phrase})" if parens else f" {phrase}"
+
+
+NOT_REPEATED = ("config", "overwrite_output_dir", "resume_from_checkpoint", "dry_run")  # per run, not per recipe
+
+
+def config_flags(main, argv, aliases=None):
+    """argv with the flags of --config=FILE put before the command line's (which win: a flag the command line
+    gives is not taken from the file). FILE is a JSON or YAML mapping of flag names to values, as
+    LLaMA-Factory's, or a run_config.json (its "flags"). Returns (argv, problems); an unknown key is refused as
+    an unknown flag is."""
+    aliases = aliases or {}
+    at = next((i for i, a in enumerate(argv) if a == "--" or (_flag(a) or ("",))[0] == "config"), None)
+    if at is None or argv[at] == "--":
+        return argv, []
+    value = _flag(argv[at])[1][1:] if "=" in argv[at] else (argv[at + 1] if at + 1 < len(argv) else "")
+    try:
+        values = _read_config(value)
+    except UserError as e:
+        return argv, [str(e).rstrip(".")]
+    given = {(_flag(a) or ("",))[0] for a in argv[:argv.index("--") if "--" in argv else len(argv)]}
+    given |= {n[2:] for n in given if n.startswith("no")}  # --noflag gives flag
+    problems, flags = [], []
+    for key, v in values.items():
+        name = aliases.get(key.replace("-", "_"), key.replace("-", "_"))
+        if name in NOT_REPEATED:
+            continue
+        unknown = unknown_flags(main, [f"--{name}"], aliases)
+        if unknown:
+            problems.append(f"--config={value}: key {unknown[0][2:].replace('(did you mean --', '(did you mean ')}")
+        elif name not in given:
+            flags.append(f"--{name}={v!r}")  # fire reads Python literals: the file's value exactly
+    return flags + argv, problems
+
+
+def _read_config(path):
+    """The mapping of flags in a --config file (a run_config.json gives the flags that run was started with)."""
+    import json
+    from pathlib import Path
+
+    file = Path(str(path)).expanduser()
+    if file.suffix not in (".json", ".yaml", ".yml") or not file.is_file():
+        raise UserError(f"--config={path} is not a .json, .yaml or .yml file that exists; pass a run's "
+                        "run_config.json or a file of flags")
+    try:
+        text = file.read_text(encoding="utf-8")
+        if file.suffix == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except Exception as e:  # json, yaml and decoding errors: all the same to the user
+        said = " ".join(str(e).split())  # yaml's messages span lines
+        raise UserError(f"--config={path} does not parse ({type(e).__name__}: {said}); fix the file") from None
+    if isinstance(values, dict) and "base_model_path" in values:  # a run config
+        if not isinstance(values.get("flags"), dict):
+            raise UserError(f"--config={path} is a run config from a lora-kit that did not record its flags; "
+                            "pass the flags again, or a YAML/JSON file of them")
+        values = values["flags"]
+    if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+        raise UserError(f"--config={path} must hold a mapping of flag names to values, e.g. learning_rate: 0.0002")
+    return values
+
+
+REPORT_TO = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "swanlab": ("swanlab",),
+             "mlflow": ("mlflow",)}  # --report_to: the Trainer's name -> the packages that provide it
+
+
+def report_to_list(value):
+    """--report_to: "none", or names from REPORT_TO (comma-separated), each with its package installed."""
+    import importlib.util
+
+    names = as_list(value, "report_to") or ["none"]
+    if names == ["none"]:
+        return []
+    unknown = [n for n in names if n not in REPORT_TO]
+    if unknown:
+        raise UserError(f"--report_to must be none or some of {', '.join(REPORT_TO)}, got {', '.join(unknown)}")
+    missing = [n for n in names if not any(importlib.util.find_spec(p) for p in REPORT_TO[n])]
+    if missing:
+        raise UserError(f"--report_to={','.join(missing)} needs its package: pip install {' '.join(missing)}")
+    return names
+
+
+def recorded_flags(flags):
+    """The flags of a run as run_config.json keeps them for --config: those that make a recipe (not
+    --overwrite_output_dir, --resume_from_checkpoint, --dry_run), paths that exist made absolute, so that
+    the run can be repeated from any folder."""
+    from pathlib import Path
+
+    def absolute(value):
+        if isinstance(value, (list, tuple)):
+            return [absolute(v) for v in value]
+        if isinstance(value, str) and "://" not in value and value and Path(value).expanduser().exists():
+            return str(Path(value).expanduser().resolve())
+        return value
+
+    return {name: absolute(value) for name, value in flags.items() if name not in NOT_REPEATED}

@@ -11,6 +11,7 @@ often than the base or loops more. report.md and report.json go to the run folde
 import collections
 import json
 import re
+import time
 from pathlib import Path
 
 from utils.errors import UserError
@@ -19,6 +20,7 @@ DATA = Path(__file__).resolve().parent.parent / "data"
 LOOP_NGRAM, LOOP_REPEATS = 5, 3
 MAX_VALIDATION = 16  # validation records answered in the report, the first ones
 PT_PROMPT_TOKENS = 32  # --stage pt: the head of each held text the models continue
+CACHED_ANSWERS = 1000  # base answers kept per base model (BaseAnswers)
 
 
 def read_probes(value, demo=False):
@@ -120,23 +122,30 @@ def end_of_run_report(model, tokenizer, template, out, stage="sft", val=None, pr
                       max_new_tokens=128, say=print):
     """Answer the validation prompts and the probes with the adapter off and on, print the comparison and write
     report.md and report.json to `out`. `model` is the trained peft model; it is left ready for inference."""
-    from utils.data import encode_prompt
+    from utils.data import Encoder, encode_prompt
     from utils.fast import for_inference
     from utils.files import write_text_atomic
     from utils.generation import stop_token_ids
 
     for_inference(model)
     items = [("validation", None, ids, ref) for ids, ref in _validation_items(val, tokenizer, stage)]
-    if stage == "sft":
-        items += [("probe", p, encode_prompt(tokenizer, template, "", [], p["prompt"]), None) for p in probes]
+    for p in probes:  # --stage pt continues each probe as raw text, sft answers it through the template
+        ids = encode_prompt(tokenizer, template, "", [], p["prompt"]) if stage == "sft" else \
+            Encoder(tokenizer, "pt").tokenize([p["prompt"]])[0]  # as pt trained: no BOS
+        items.append(("probe", p, ids, None))
     if not items:
         say("report: no validation data and no --probe_prompts to answer; skipped.")
         return None
     prompts, stops = [ids for _, _, ids, _ in items], stop_token_ids(tokenizer, model, template)
+    cache, started = BaseAnswers(model, stops, max_new_tokens), time.time()
+    missing, kept = cache.missing(prompts), sum(cache.key(ids) in cache.answers for ids in prompts)
+    say(f"report: {len(prompts)} prompts, answered by the tuned model and {len(missing)} by the base model "
+        f"({kept} base answers kept from an earlier run on this base) ...")
     # one batch for both models: each row names its adapter (peft's mixed batches), "__base__" none
-    answers = greedy(model, tokenizer, prompts * 2, stops, max_new_tokens,
-                     adapters=["__base__"] * len(prompts) + [model.active_adapter] * len(prompts))
-    base, tuned = answers[:len(prompts)], answers[len(prompts):]
+    answers = greedy(model, tokenizer, missing + prompts, stops, max_new_tokens,
+                     adapters=["__base__"] * len(missing) + [model.active_adapter] * len(prompts) if missing else None)
+    cache.add(missing, answers[:len(missing)])
+    base, tuned = [cache.answers[cache.key(ids)] for ids in prompts], answers[len(missing):]
     rows = []
     for (kind, probe, ids, ref), b, t in zip(items, base, tuned):
         row = {"kind": kind, "prompt": probe["prompt"] if probe else tokenizer.decode(ids, skip_special_tokens=True),
@@ -147,6 +156,7 @@ def end_of_run_report(model, tokenizer, template, out, stage="sft", val=None, pr
         rows.append(row)
     expects = [r["expect"] for r in rows]
     report = {"max_new_tokens": max_new_tokens, "loop_rule": f"{LOOP_NGRAM} tokens in a row seen {LOOP_REPEATS} times",
+              "base_answers_from_cache": kept, "seconds": round(time.time() - started, 1),
               "figures": {name: figures([r[name] for r in rows], expects) for name in ("base", "tuned")}}
     held = [r for r in rows if r["reference"] is not None]
     if held or eval_loss is not None:
@@ -158,6 +168,63 @@ def end_of_run_report(model, tokenizer, template, out, stage="sft", val=None, pr
     write_text_atomic(Path(out) / "report.md", markdown(report), "output_dir")
     say(terminal(report))
     return report
+
+
+class BaseAnswers:
+    """The base model's report answers kept from earlier runs, in the cache folder (utils.files.cache_dir()):
+    runs on the same base answer the same probes again only with the tuned model, which halves the report's work
+    and skips the base's long, looping answers. A file holds the answers of one base, loaded and decoded one way:
+    its name hashes the weight files (path, size, modification time), the dtype, quantization and device, the stop
+    ids, the token limit and the library versions. The cache only saves time: when it cannot be read or written,
+    every answer is computed."""
+
+    def __init__(self, model, stops, max_new_tokens):
+        import hashlib
+
+        import peft
+        import torch
+        import transformers
+
+        self.answers, self.path = {}, None
+        base = model.get_base_model()
+        folder = Path(str(getattr(base.config, "_name_or_path", "") or "."))
+        weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.glob("*")
+                         if f.suffix in (".safetensors", ".bin", ".gguf")) if folder.is_dir() else []
+        if not weights:  # not a local folder of weights: nothing to key the answers on
+            return
+        quantization = getattr(base.config, "quantization_config", None)
+        key = json.dumps([str(folder.resolve()), weights, str(base.dtype), str(quantization), base.device.type,
+                          sorted(stops), max_new_tokens, torch.__version__, transformers.__version__,
+                          peft.__version__], default=str)
+        try:
+            from utils.files import cache_dir
+
+            self.path = cache_dir() / "report" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+            if self.path.is_file():
+                self.answers = {k: (ids, stopped) for k, (ids, stopped) in
+                                json.loads(self.path.read_text(encoding="utf-8")).items()}
+        except (OSError, ValueError, TypeError, UserError):  # unreadable or damaged: computed again
+            self.answers = {}
+
+    @staticmethod
+    def key(ids):
+        return ",".join(map(str, ids))
+
+    def missing(self, prompts):
+        """The prompts (token ids) not answered yet, each once."""
+        return list({self.key(ids): list(ids) for ids in prompts if self.key(ids) not in self.answers}.values())
+
+    def add(self, prompts, answers):
+        from utils.files import write_text_atomic
+
+        self.answers.update({self.key(p): (list(answer), stopped) for p, (answer, stopped) in zip(prompts, answers)})
+        if prompts and self.path is not None:
+            kept = dict(list(self.answers.items())[-CACHED_ANSWERS:])  # the newest: validation prompts change
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(self.path, json.dumps(kept), "LORA_KIT_CACHE")
+            except (OSError, UserError):
+                pass
 
 
 def warnings(base, tuned):
@@ -196,8 +263,8 @@ def terminal(report, width=56):
         room = width - len(marks)
         return (text if len(text) <= room else text[:room - 1] + "…") + marks
 
-    lines = [f"--- report (greedy, no repetition penalty, up to {report['max_new_tokens']} new tokens; "
-             f"[loop] loops, [...] did not stop) ---", f"{'base':<{width}}  | tuned"]
+    lines = [f"--- report ({report['seconds']} s; greedy, no repetition penalty, up to {report['max_new_tokens']} "
+             "new tokens; [loop] loops, [...] did not stop) ---", f"{'base':<{width}}  | tuned"]
     for r in report["prompts"]:
         lines.append(f"> {cut(r['prompt'])}")
         b, t = (r[n] for n in ("base", "tuned"))

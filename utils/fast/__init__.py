@@ -39,11 +39,14 @@ def prepare_for_training(model, device):
 
 def for_inference(model):
     """Undo prepare_for_training, for decoding with the trained model: the library's own forwards again (lm_head's
-    logits among them), sdpa attention in place of the packed kind, the KV cache on, eval mode."""
+    logits among them), peft's casting of each LoRA input to the LoRA weights' dtype (autocast did it in training),
+    sdpa attention in place of the packed kind, the KV cache on, eval mode."""
     for module in model.modules():
         forward = module.__dict__.get("forward")
         if getattr(getattr(forward, "__func__", None), "__module__", "").startswith("utils.fast"):
             del module.forward
+        if hasattr(module, "cast_input_dtype_enabled"):  # fast_lora turned it off
+            module.cast_input_dtype_enabled = True
     if getattr(model.config, "_attn_implementation", None) == PACKED_ATTENTION:
         model.set_attn_implementation("sdpa")
     model.config.use_cache = True
