@@ -1,4 +1,5 @@
 """gradio_ui.py: the page in a real headless browser, 8 sessions at once, trimming, and the server flags."""
+import contextlib
 import os
 import socket
 import subprocess
@@ -25,6 +26,26 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def needs_chromium():
+    """playwright's sync API; the test skips where Debian's chromium or playwright is missing."""
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
+    return pytest.importorskip("playwright.sync_api",
+                               reason="playwright for Python is not installed (pip install playwright)")
+
+
+@contextlib.contextmanager
+def headless(sync_api):
+    """A headless chromium, closed when the block ends."""
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
 def text_of(message):
@@ -94,44 +115,36 @@ def test_overlong_input_is_trimmed_and_regenerate_and_clear_work(server):
 
 
 def test_page_in_a_headless_browser(server):
-    if not CHROMIUM.exists():
-        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api",
-                                   reason="playwright for Python is not installed (pip install playwright)")
+    sync_api = needs_chromium()
     url = server[0]
     bot, user = "#chatbot [data-testid='bot']", "#chatbot [data-testid='user']"
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 760})
-            page.set_default_timeout(30_000)
-            page.goto(url)
-            page.fill("#message textarea", "Tell me a long story.")
-            page.press("#message textarea", "Enter")
-            page.wait_for_selector(bot)
-            lengths, deadline = [], time.monotonic() + 30
-            while time.monotonic() < deadline and len({n for n in lengths if n}) < 3:
-                lengths.append(len(page.inner_text(bot)))
-                time.sleep(0.05)
-            assert len({n for n in lengths if n}) >= 3, lengths  # the answer grew on screen, token by token
-            page.click("#stop")
-            time.sleep(1.0)
-            stopped = page.inner_text(bot)
-            time.sleep(0.5)
-            assert page.inner_text(bot) == stopped  # nothing more arrives after Stop
-            tokenizer = server[1][1]
-            assert len(tokenizer(stopped)["input_ids"]) < 250  # well short of the 300 it would have written
-            ARTIFACTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "gradio_ui.png"))
+    with headless(sync_api) as browser:
+        page = browser.new_page(viewport={"width": 1100, "height": 760})
+        page.set_default_timeout(30_000)
+        page.goto(url)
+        page.fill("#message textarea", "Tell me a long story.")
+        page.press("#message textarea", "Enter")
+        page.wait_for_selector(bot)
+        lengths, deadline = [], time.monotonic() + 30
+        while time.monotonic() < deadline and len({n for n in lengths if n}) < 3:
+            lengths.append(len(page.inner_text(bot)))
+            time.sleep(0.05)
+        assert len({n for n in lengths if n}) >= 3, lengths  # the answer grew on screen, token by token
+        page.click("#stop")
+        time.sleep(1.0)
+        stopped = page.inner_text(bot)
+        time.sleep(0.5)
+        assert page.inner_text(bot) == stopped  # nothing more arrives after Stop
+        tokenizer = server[1][1]
+        assert len(tokenizer(stopped)["input_ids"]) < 250  # well short of the 300 it would have written
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "gradio_ui.png"))
 
-            other = browser.new_context().new_page()  # a second browser: its own, empty conversation
-            other.goto(url)
-            other.wait_for_selector("#message textarea")
-            assert other.locator(user).count() == 0 and other.locator(bot).count() == 0
-            assert page.locator(user).count() == 1
-        finally:
-            browser.close()
+        other = browser.new_context().new_page()  # a second browser: its own, empty conversation
+        other.goto(url)
+        other.wait_for_selector("#message textarea")
+        assert other.locator(user).count() == 0 and other.locator(bot).count() == 0
+        assert page.locator(user).count() == 1
     assert (ARTIFACTS / "gradio_ui.png").stat().st_size > 10_000
 
 
@@ -301,10 +314,7 @@ def wait_for(page, expected, seconds=60):
 
 
 def test_compare_page_in_a_headless_browser(tuned):
-    if not CHROMIUM.exists():
-        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api",
-                                   reason="playwright for Python is not installed (pip install playwright)")
+    sync_api = needs_chromium()
     from utils.generation import check_settings
 
     model, tokenizer, template, engine, _ = tuned
@@ -316,39 +326,34 @@ def test_compare_page_in_a_headless_browser(tuned):
     demo = gradio_ui.build_demo(model, tokenizer, template, settings, title="compare", engine=engine)
     demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
-                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-            try:
-                page = browser.new_page(viewport={"width": 1300, "height": 760})
-                page.set_default_timeout(30_000)
-                page.goto(demo.local_url)
-                page.wait_for_selector("#base")
-                assert page.locator("#tuned").count() == 1 and page.locator("#chatbot").count() == 0
-                page.fill("#message textarea", "who are you?")
-                page.press("#message textarea", "Enter")
-                seen = wait_for(page, first)
-                assert len({base for base, _ in seen if base}) >= 3, seen  # the base's answer grew token by token
-                page.fill("#message textarea", "And then?")  # each column goes on from its own answers
-                page.press("#message textarea", "Enter")
-                wait_for(page, second)
-                assert [len(column) for column in columns_of(page)] == [2, 2]
-                ARTIFACTS.mkdir(exist_ok=True)
-                page.screenshot(path=str(ARTIFACTS / "gradio_ui_compare.png"))
+        with headless(sync_api) as browser:
+            page = browser.new_page(viewport={"width": 1300, "height": 760})
+            page.set_default_timeout(30_000)
+            page.goto(demo.local_url)
+            page.wait_for_selector("#base")
+            assert page.locator("#tuned").count() == 1 and page.locator("#chatbot").count() == 0
+            page.fill("#message textarea", "who are you?")
+            page.press("#message textarea", "Enter")
+            seen = wait_for(page, first)
+            assert len({base for base, _ in seen if base}) >= 3, seen  # the base's answer grew token by token
+            page.fill("#message textarea", "And then?")  # each column goes on from its own answers
+            page.press("#message textarea", "Enter")
+            wait_for(page, second)
+            assert [len(column) for column in columns_of(page)] == [2, 2]
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "gradio_ui_compare.png"))
 
-                page.click("#clear")
-                page.wait_for_function("document.querySelectorAll('[data-testid=bot]').length === 0")
-                page.fill("#message textarea", "Tell me a long story.")
-                page.press("#message textarea", "Enter")
-                page.wait_for_function("document.querySelector('#base [data-testid=bot]')?.innerText.length > 20")
-                page.click("#stop")
-                time.sleep(1.0)
-                stopped = columns_of(page)
-                time.sleep(0.5)
-                assert columns_of(page) == stopped  # nothing more arrives in either column after Stop
-                assert len(tokenizer(stopped[0][0])["input_ids"]) < 250  # short of the 300 it would have written
-            finally:
-                browser.close()
+            page.click("#clear")
+            page.wait_for_function("document.querySelectorAll('[data-testid=bot]').length === 0")
+            page.fill("#message textarea", "Tell me a long story.")
+            page.press("#message textarea", "Enter")
+            page.wait_for_function("document.querySelector('#base [data-testid=bot]')?.innerText.length > 20")
+            page.click("#stop")
+            time.sleep(1.0)
+            stopped = columns_of(page)
+            time.sleep(0.5)
+            assert columns_of(page) == stopped  # nothing more arrives in either column after Stop
+            assert len(tokenizer(stopped[0][0])["input_ids"]) < 250  # short of the 300 it would have written
     finally:
         demo.close()
 

@@ -22,9 +22,10 @@ def _flag(arg):
     return name.replace("-", "_"), sep + value
 
 
-def unknown_flags(main, argv, aliases=None):
+def unknown_flags(main, argv, aliases=None, dash="--"):
     """Names of --flags in argv (older names already `renamed`) that main does not take, each with a suggestion
-    (an older name suggests the current one); fire would run main first."""
+    (an older name suggests the current one); fire would run main first. `dash` is what the message puts before
+    each name ("" for the keys of a --config file)."""
     aliases = aliases or {}
     names = set(inspect.signature(main).parameters)
     problems = []
@@ -37,8 +38,8 @@ def unknown_flags(main, argv, aliases=None):
         if name in names or name in FIRE_FLAGS or (name.startswith("no") and name[2:] in names):
             continue  # fire reads --noflag as --flag=False
         close = difflib.get_close_matches(name, sorted(names | set(aliases)), n=1, cutoff=0.7)
-        problems.append(f"--{name} is not a flag of this script"
-                        + (f" (did you mean --{aliases.get(close[0], close[0])}?)" if close else ""))
+        problems.append(f"{dash}{name} is not a flag of this script"
+                        + (f" (did you mean {dash}{aliases.get(close[0], close[0])}?)" if close else ""))
     return problems
 
 
@@ -193,9 +194,9 @@ def config_flags(main, argv, aliases=None):
         name = aliases.get(key.replace("-", "_"), key.replace("-", "_"))
         if name in NOT_REPEATED:
             continue
-        unknown = unknown_flags(main, [f"--{name}"], aliases)
+        unknown = unknown_flags(main, [f"--{name}"], aliases, dash="")
         if unknown:
-            problems.append(f"--config={value}: key {unknown[0][2:].replace('(did you mean --', '(did you mean ')}")
+            problems.append(f"--config={value}: key {unknown[0]}")
         elif name not in given:
             flags.append(f"--{name}={v!r}")  # fire reads Python literals: the file's value exactly
     return flags + argv, problems

@@ -129,9 +129,9 @@ def end_of_run_report(model, tokenizer, template, out, stage="sft", val=None, pr
 
     for_inference(model)
     items = [("validation", None, ids, ref) for ids, ref in _validation_items(val, tokenizer, stage)]
-    for p in probes:  # --stage pt continues each probe as raw text, sft answers it through the template
-        ids = encode_prompt(tokenizer, template, "", [], p["prompt"]) if stage == "sft" else \
-            Encoder(tokenizer, "pt").tokenize([p["prompt"]])[0]  # as pt trained: no BOS
+    texts = Encoder(tokenizer, "pt").tokenize([p["prompt"] for p in probes]) if stage == "pt" else []
+    for i, p in enumerate(probes):  # --stage pt continues each probe as raw text (no BOS, as pt trained)
+        ids = texts[i] if texts else encode_prompt(tokenizer, template, "", [], p["prompt"])
         items.append(("probe", p, ids, None))
     if not items:
         say("report: no validation data and no --probe_prompts to answer; skipped.")
