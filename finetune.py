@@ -4,7 +4,7 @@
     python finetune.py --base_model=path/to/llama --data_path=my.json --output_dir=output/
     python finetune.py --use_4bit                                    # QLoRA (memory first: see README)
     python finetune.py --stage=pt --data_path=data/pt_demo.txt      # continued pretraining
-    torchrun --nproc_per_node=2 finetune.py ...                      # several devices
+    torchrun --nproc_per_node=2 finetune.py ... [--deepspeed=zero3]  # several devices (sharded: README)
     python finetune.py --dry_run                                     # only check and summarise the data
 
 Writes to --output_dir: the adapter, tokenizer, run_config.json (what later stages need), loss.png, report.md/json.
@@ -16,20 +16,19 @@ import time
 from pathlib import Path
 
 from utils.data import Collator, Encoder, split_validation, summary
+from utils.distributed import adapter_in_checkpoints, deepspeed_config, engine, sharding_problem, started
 from utils.errors import is_main_process, run_cli
 from utils.files import output_problem
-from utils.flags import Checks, recorded_flags, report_to_list
+from utils.flags import OPTIMIZERS, SCHEDULERS, Checks, recorded_flags, report_to_list
 from utils.records import PT_SUFFIXES, SFT_SUFFIXES, data_files
 from utils.report import end_of_run_report, read_probes
+from utils.templates import load_template
 from utils.run_folder import BUILTIN, cleaned_up_on_write_errors, resume_point, save_run
-from utils.model import check_remote_code, load_tokenizer, pick_device, pick_dtype, resolve_model_path
+from utils.model import check_remote_code, load_tokenizer, pick_device, pick_dtype, resolve_model_path, ships_code
 from utils.token_store import tokenized
 
 DEMO_DATA = Path(__file__).resolve().parent / "data" / "demo.json"
 ALIASES = {"load_8bit": "use_8bit", "load_4bit": "use_4bit", "dtype": "precision", "overwrite": "overwrite_output_dir"}
-# transformers' schedulers that need no extra arguments (tests/test_finetune.py checks each against SchedulerType)
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-              "inverse_sqrt")
 
 
 def main(
@@ -50,7 +49,7 @@ def main(
     weight_decay: float = 0.0, logging_steps: int = 5, save_steps: int = 200, save_total_limit: int = 3,
     eval_steps: int = None, gradient_checkpointing="auto", packing: bool = True, seed: int = 42,
     resume_from_checkpoint=None, overwrite_output_dir: bool = False, report: bool = True, probe_prompts=None,
-    report_to="none", config: str = None,
+    report_to="none", config: str = None, optim: str = "adamw_torch", max_grad_norm: float = 1.0, deepspeed: str = None,
 ):
     """Fine-tune a base model with LoRA (or QLoRA) and save the adapter.
 
@@ -101,6 +100,9 @@ def main(
         probe_prompts: a .json or .txt file of prompts, or prompts (default: data/probes.json, + demo_probes.json).
         report_to: none, or where the Trainer also logs: tensorboard, wandb, swanlab, mlflow (comma-separated).
         config: a run's run_config.json, or a JSON/YAML file of flags, to repeat; flags given here override it.
+        optim: the optimizer: adamw_torch, adamw_torch_fused, adamw_8bit, paged_adamw_8bit, adafactor, sgd.
+        max_grad_norm: clip the gradients' global norm to this (0: no clipping).
+        deepspeed: a DeepSpeed config: zero2, zero3, zero3_offload (configs/deepspeed/) or a .json (README).
     """
     flags = dict(locals())  # recorded in run_config.json, for --config
     # --- check the arguments, all at once ---------------------------------------------------------
@@ -117,7 +119,6 @@ def main(
     precision = c.choice("precision", precision, ("auto", "bf16", "fp16", "fp32"))
     lr_scheduler_type = c.choice("lr_scheduler_type", lr_scheduler_type, SCHEDULERS)
     cutoff_len, block_size = c.integer("cutoff_len", cutoff_len, 1), c.integer("block_size", block_size, 2)
-    lora_r = c.integer("lora_r", lora_r, 1)
     per_device_train_batch_size = c.integer("per_device_train_batch_size", per_device_train_batch_size, 1)
     gradient_accumulation_steps = c.integer("gradient_accumulation_steps", gradient_accumulation_steps, 1)
     logging_steps, save_steps = c.integer("logging_steps", logging_steps, 1), c.integer("save_steps", save_steps, 1)
@@ -129,7 +130,7 @@ def main(
     c.add("--max_steps must be -1 (train --num_epochs) or above 0, got 0" if max_steps == 0 else None)
     num_epochs = num_epochs if num_epochs == "auto" else c.number("num_epochs", num_epochs, 0, above_low=True)
     learning_rate = c.number("learning_rate", learning_rate, 0, above_low=True)
-    lora_alpha = c.number("lora_alpha", lora_alpha, 0, above_low=True)
+    lora_r, lora_alpha = c.integer("lora_r", lora_r, 1), c.number("lora_alpha", lora_alpha, 0, above_low=True)
     lora_dropout = c.number("lora_dropout", lora_dropout, 0, 1, below_high=True)
     warmup_ratio = c.number("warmup_ratio", warmup_ratio, 0, 1, below_high=True)
     weight_decay, val_set_size = c.number("weight_decay", weight_decay, 0), c.number("val_set_size", val_set_size, 0)
@@ -138,19 +139,18 @@ def main(
     bits = 4 if use_4bit is True else 8 if use_8bit is True else c.choice("bits", bits, (4, 8, 16))
     c.add("--use_4bit and --use_8bit exclude each other" if use_4bit is True and use_8bit is True else None)
     c.add("pass either --val_set_size or --val_data_path, not both" if val_set_size and val_data_path else None)
-    targets = c.names("lora_target_modules", lora_target_modules)
-    to_save = c.names("modules_to_save", modules_to_save)
+    targets, to_save = c.names("lora_target_modules", lora_target_modules), c.names("modules_to_save", modules_to_save)
     c.add(output_problem(output_dir, "output_dir") if isinstance(output_dir, str) else None)
     resume, skipped, problem = resume_point(output_dir, resume_from_checkpoint, overwrite_output_dir, dry_run)
     c.add(problem)
     report, probes = c.boolean("report", report), c.call(read_probes, probe_prompts, data_path == str(DEMO_DATA))
     report_to = c.call(report_to_list, report_to, default=[])
+    optim, max_grad_norm = c.choice("optim", optim, OPTIMIZERS), c.number("max_grad_norm", max_grad_norm, 0)
+    c.add(sharding_problem(deepspeed := c.call(deepspeed_config, deepspeed), bits))
     c.done()
     out, say = Path(output_dir), print if is_main_process() else (lambda *a, **k: None)
 
     # --- data: validated and tokenized before any model loads -------------------------------------
-    from utils.templates import load_template
-
     t0 = time.time()
     suffixes = SFT_SUFFIXES if stage == "sft" else PT_SUFFIXES
     files = data_files(data_path, suffixes, "data_path")
@@ -173,10 +173,9 @@ def main(
     say(f"train examples: {len(train):,}, validation examples: {len(val or ()):,}   "
         f"(tokenized data: {'; '.join(origin)}; {time.time() - t0:.1f} s in all)")
     if dry_run:
-        say("dry run: data is valid; no model was loaded and nothing was written.")
-        return
+        return say("dry run: data is valid; no model was loaded and nothing was written.")
 
-    # --- model and LoRA ---------------------------------------------------------------------------
+    # --- the Trainer's arguments, then the model (ZeRO-3 must be set up first, to load the model sharded) ---------
     import torch
     from transformers import Trainer, TrainingArguments, set_seed
 
@@ -184,37 +183,38 @@ def main(
     from utils.train import auto_epochs, lora_for_training, run_loss_callback, throughput_callback
 
     set_seed(seed)
-    device = pick_device()
-    dtype = pick_dtype(precision, device)
-    lora = dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=targets, modules_to_save=to_save)
-    length = cutoff_len if stage == "sft" else block_size
-    model, head, gradient_checkpointing, banner = lora_for_training(
-        model_path, dtype, bits, device, lora, gradient_checkpointing, per_device_train_batch_size * length, length,
-        local_files_only, trust_remote_code)
-    if packing and not type(model.get_base_model()).__module__.startswith("transformers."):
+    dtype = pick_dtype(precision, device := pick_device())
+    if packing and ships_code(model_path):
         packing = say("packing off: the model's own code does not keep packed examples apart") or False
-    auto = num_epochs == "auto"  # 3, or more for a small data set (utils/train.py)
-    num_epochs = auto_epochs(len(train), per_device_train_batch_size * gradient_accumulation_steps) if auto else \
-        num_epochs
-    say(f"{banner}   model: {base_model}   epochs: {num_epochs}{' (auto)' if auto else ''}")
-
-    # --- train ------------------------------------------------------------------------------------
+    num_epochs = auto_epochs(len(train), per_device_train_batch_size * gradient_accumulation_steps, num_epochs)
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=per_device_train_batch_size,
         per_device_eval_batch_size=per_device_train_batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
-        num_train_epochs=num_epochs, max_steps=max_steps, learning_rate=learning_rate,
+        num_train_epochs=num_epochs, max_steps=max_steps, learning_rate=learning_rate, optim=optim,
         lr_scheduler_type=lr_scheduler_type, warmup_steps=warmup_ratio, weight_decay=weight_decay,
-        logging_steps=logging_steps, logging_first_step=True, save_steps=save_steps, save_total_limit=save_total_limit,
-        eval_strategy="steps" if val is not None else "no", eval_steps=eval_steps or save_steps,
-        activation_checkpointing=gradient_checkpointing, activation_checkpointing_kwargs={"use_reentrant": False},
+        max_grad_norm=max_grad_norm, deepspeed=deepspeed, logging_steps=logging_steps, logging_first_step=True,
+        save_steps=save_steps, save_total_limit=save_total_limit, eval_strategy="steps" if val is not None else "no",
+        eval_steps=eval_steps or save_steps, activation_checkpointing_kwargs={"use_reentrant": False},
         fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16, report_to=report_to or "none", seed=seed,
         data_seed=seed, remove_unused_columns=False, use_cpu=device == "cpu", ddp_find_unused_parameters=False,
         include_num_input_tokens_seen="all" if packing else "non_padding",  # a packed row has no padding
     )
+    sharding = engine(args)  # zero3 and fsdp2 shard the weights: the fast path steps aside where it reads them
+    lora = dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=targets, modules_to_save=to_save)
+    length = cutoff_len if stage == "sft" else block_size
+    model, head, gradient_checkpointing, banner = lora_for_training(
+        model_path, dtype, bits, device, lora, gradient_checkpointing, per_device_train_batch_size * length, length,
+        local_files_only, trust_remote_code, sharding)
+    args.activation_checkpointing = args.gradient_checkpointing = gradient_checkpointing
+    say(f"{banner}   model: {base_model}   epochs: {num_epochs}{' (auto)' if flags['num_epochs'] == 'auto' else ''}")
+
+    # --- train ------------------------------------------------------------------------------------
     speed, run_loss = throughput_callback(), run_loss_callback()
     loss = functools.partial(causal_lm_loss, head=head, workspace=None if bits < 16 else {})
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val, compute_loss_func=loss,
-                      data_collator=Collator(tokenizer.pad_token_id, packing), callbacks=[speed, run_loss])
+                      data_collator=Collator(tokenizer.pad_token_id, packing),
+                      callbacks=[speed, run_loss, adapter_in_checkpoints(model, sharding)])
+    started(trainer, sharding)
     if skipped:
         say(f"resuming from {resume.name}; passed over {', '.join(p.name for p in skipped)}, "
             "cut short by an earlier run")
@@ -224,26 +224,26 @@ def main(
     eval_loss = trainer.evaluate()["eval_loss"] if val is not None else None
 
     # --- save: adapter, tokenizer, run config, loss plot; the report (rank 0 only) ----------------
+    save_run(out, model, tokenizer, {  # every rank: under ZeRO-3 and FSDP2 all of them gather the LoRA weights
+        "base_model": base_model, "base_model_path": model_path, "stage": stage, "template": tmpl.to_dict(),
+        "cutoff_len": cutoff_len, "block_size": block_size if stage == "pt" else None,
+        "train_on_inputs": train_on_inputs, "bits": bits, "dtype": str(dtype).replace("torch.", ""),
+        "trust_remote_code": trust_remote_code, "lora": lora, "flags": recorded_flags(flags),
+        "data": {"path": str(data_path), **data.stats, "max_samples": max_samples, "train_examples": len(train),
+                 "validation_examples": len(val or ()), "tokens_min": int(data.lengths().min()),
+                 "tokens_max": int(data.lengths().max()), "train_tokens": int(train.lengths().sum())},
+        "training": {"learning_rate": learning_rate, "epochs": num_epochs, "steps": result.global_step,
+                     "seed": seed, "per_device_train_batch_size": per_device_train_batch_size,
+                     "gradient_accumulation_steps": gradient_accumulation_steps,
+                     "train_loss": train_loss if math.isfinite(train_loss) else None,
+                     "tokens_per_second": speed.tokens_per_second,
+                     "activation_checkpointing": gradient_checkpointing, "engine": sharding},
+    }, trainer.state.log_history, sharding)
     if trainer.is_world_process_zero():
-        save_run(out, model, tokenizer, {
-            "base_model": base_model, "base_model_path": model_path, "stage": stage, "template": tmpl.to_dict(),
-            "cutoff_len": cutoff_len, "block_size": block_size if stage == "pt" else None,
-            "train_on_inputs": train_on_inputs, "bits": bits, "dtype": str(dtype).replace("torch.", ""),
-            "trust_remote_code": trust_remote_code, "lora": lora, "flags": recorded_flags(flags),
-            "data": {"path": str(data_path), **data.stats, "max_samples": max_samples, "train_examples": len(train),
-                     "validation_examples": len(val or ()), "tokens_min": int(data.lengths().min()),
-                     "tokens_max": int(data.lengths().max()), "train_tokens": int(train.lengths().sum())},
-            "training": {"learning_rate": learning_rate, "epochs": num_epochs, "steps": result.global_step,
-                         "seed": seed, "per_device_train_batch_size": per_device_train_batch_size,
-                         "gradient_accumulation_steps": gradient_accumulation_steps,
-                         "train_loss": train_loss if math.isfinite(train_loss) else None,
-                         "tokens_per_second": speed.tokens_per_second,
-                         "activation_checkpointing": gradient_checkpointing},
-        }, trainer.state.log_history)
         say(f"wrote the adapter, tokenizer, run_config.json and loss.png to {out}/ in {time.time() - t0:.0f} s "
             f"({result.global_step} steps, train loss {train_loss:.3f}, {speed.tokens_per_second or 0:.0f} tokens/s)")
         if report:
-            end_of_run_report(model, tokenizer, tmpl, out, stage, val, probes, eval_loss, say=say)
+            end_of_run_report(model, tokenizer, tmpl, out, stage, val, probes, eval_loss, say=say, engine=sharding)
 
 
 if __name__ == "__main__":

@@ -228,8 +228,8 @@ def main(records=64, cutoff_len=512, batch=8, lr=5e-4, use_4bit=False, qlora=Fal
     print(f";  eval loss within 2% of baseline: {worse:+.1%} {'met' if worse <= 0.02 else 'NOT met'}")
 
 
-def qlora_bench(tmp, data, cutoff_len, lr):
-    """bf16 LoRA vs NF4 QLoRA on a random model of TinyLlama-1.1B's shape (built here, bf16, 500 MB shards)."""
+def tinyllama_shaped(model_dir):
+    """A random model of TinyLlama-1.1B's shape with the built-in tokenizer, saved in bf16 in 500 MB shards."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -240,14 +240,18 @@ def qlora_bench(tmp, data, cutoff_len, lr):
                          num_key_value_heads=4, vocab_size=len(tokenizer), max_position_embeddings=2048,
                          tie_word_embeddings=False,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    model_dir = tmp / "tinyllama-shape"
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     print(f"random TinyLlama-shaped model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters "
           f"(vocab {config.vocab_size})")
     model.save_pretrained(model_dir, max_shard_size="500MB")
     tokenizer.save_pretrained(model_dir)
-    del model
+    return model_dir
+
+
+def qlora_bench(tmp, data, cutoff_len, lr):
+    """bf16 LoRA vs NF4 QLoRA on a random model of TinyLlama-1.1B's shape (built here, bf16, 500 MB shards)."""
+    model_dir = tinyllama_shaped(tmp / "tinyllama-shape")
     rows = {}
     names = {"ours": "bf16 LoRA", "ours-checkpointed": "  with activation checkpointing", "ours-4bit": "NF4 QLoRA"}
     for name in names:

@@ -31,6 +31,14 @@ def test_unknown_flag_is_refused_before_any_work(script, tmp_path):
     assert proc.stdout == "" and list(tmp_path.iterdir()) == []
 
 
+def test_launchers_local_rank_flag_is_passed_over(tmp_path):
+    """DeepSpeed's `deepspeed` launcher adds --local_rank=N to the script's flags (LOCAL_RANK says it too)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "finetune.py"), "--local_rank=0", "--dry_run",
+                           "--data_cache=False"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "dry run: data is valid" in proc.stdout
+
+
 def test_unknown_flags_accepts_fire_forms():
     def main(alpha: int = 1, use_cache: bool = True):
         return alpha, use_cache
@@ -112,12 +120,14 @@ def test_finetune_reports_all_bad_flags_together(finetune, tmp_path):
     assert str(info.value).count(" must be ") == 4 and "did you mean cosine?" in str(info.value)
 
 
-def test_schedulers_offered_are_transformers_own():
+def test_schedulers_and_optimizers_offered_are_transformers_own():
     from transformers import SchedulerType
+    from transformers.training_args import OptimizerNames
 
-    import finetune
+    from utils.flags import OPTIMIZERS, SCHEDULERS
 
-    assert set(finetune.SCHEDULERS) <= {s.value for s in SchedulerType}
+    assert set(SCHEDULERS) <= {s.value for s in SchedulerType}
+    assert set(OPTIMIZERS) <= {o.value for o in OptimizerNames}
 
 
 def test_cli_demo_with_standard_input_closed(tmp_path):

@@ -1,6 +1,8 @@
-"""export_gguf.py: names, permutation and metadata against llama.cpp's own conversion; greedy equality in llama.cpp."""
+"""export_gguf.py: names, permutation and metadata against llama.cpp's own conversion; the fine-tuning template as the
+file's chat template; k-quants through llama.cpp's quantizer; greedy equality in llama.cpp."""
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -14,6 +16,8 @@ from utils.errors import UserError
 sys.path.insert(0, str(ROOT))
 import export_gguf  # noqa: E402
 
+# greedy tokens (of 48) before the first difference from transformers, at least; measured: q8_0 36, q6_k 40, q4_k_m 24
+FLOORS = {"q8_0": 24, "q6_k": 24, "q4_k_m": 12}
 PROMPTS = [
     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
     "The three primary colors are",
@@ -103,7 +107,12 @@ def test_builtin_export_equals_llama_cpp_own_conversion(tmp_path, smollm2_dir):
         assert ours[key] == ref[key], key
     # The HF tokenizer.json of the built-in folder has no digit splitting, so its llama.cpp name is gpt-2, not smollm.
     assert ours["tokenizer.ggml.pre"] == "gpt-2"
-    assert (tmp_path / "Modelfile").read_text().startswith(f"FROM ./{path.name}\n")
+    # what llama.cpp's converter writes besides: names from the folder name, the size from the parameter count
+    for key in ("general.type", "general.basename", "general.size_label"):
+        assert ours[key].lower() == ref[key].lower(), key
+    assert ours["general.finetune"] == "instruct"
+    assert ours["llama.attention.key_length"] == ours["llama.attention.value_length"] == 64
+    assert f"\nFROM ./{path.name}\n" in (tmp_path / "Modelfile").read_text()
 
 
 def test_llama3_rope_factors_match_transformers():
@@ -123,9 +132,28 @@ def test_llama3_rope_factors_match_transformers():
     assert scaling == {} and factors.min() == 1.0 and factors.max() == 8.0
 
 
+def test_metadata_llama_cpp_writes(tmp_path, tiny_model_dir):
+    """general.type/basename/size_label (and finetune where the name has one), key and value length."""
+    _, fields = read(export(tmp_path, tiny_model_dir, "f16"))
+    assert fields["general.type"] == "model" and fields["general.basename"] == tiny_model_dir.name
+    assert "general.finetune" not in fields  # "tiny-llama0" names no fine-tune
+    from gguf import size_label
+    from transformers import AutoModelForCausalLM
+
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
+    assert fields["general.size_label"] == size_label(params, 0, 0, 0)
+    assert fields["llama.attention.key_length"] == fields["llama.attention.value_length"] == 16
+
+
 def test_bad_input(tmp_path, tiny_model_dir):
-    with pytest.raises(UserError, match="is not one of f32, f16, bf16, q8_0"):
-        export_gguf.main(model_path=str(tiny_model_dir), outtype="q4_k_m")
+    out = tmp_path / "out"
+    for outtype in ("q3_k", "Q4_K_S", 4):
+        with pytest.raises(UserError, match=r"--outtype='[^']*' is not one of f32, f16, bf16, q8_0, q4_k_m, q5_k_m, "
+                                            r"q6_k, q4_0; pass one of them"):
+            export_gguf.main(model_path=str(tiny_model_dir), outtype=outtype, output=str(out))
+    with pytest.raises(UserError, match="unknown --template='nope'"):
+        export_gguf.main(model_path=str(tiny_model_dir), template="nope", output=str(out))
+    assert not out.exists()
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
     with pytest.raises(UserError, match="is a LoRA adapter folder; merge it first"):
@@ -140,6 +168,130 @@ def test_bad_input(tmp_path, tiny_model_dir):
     with pytest.raises(UserError, match="LLaMA-architecture models only"):
         export_gguf.main(model_path=str(other), output=str(tmp_path / "x.gguf"))
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_bad_outtype_exits_2_with_one_sentence(tmp_path, tiny_model_dir):
+    import subprocess
+
+    run = subprocess.run([sys.executable, str(ROOT / "export_gguf.py"), f"--model_path={tiny_model_dir}",
+                          "--outtype=q4_k", f"--output={tmp_path / 'out'}"], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.count("\n") == 1 and "is not one of f32, f16, bf16, q8_0, q4_k_m" in run.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="k-quants need llama-cpp-python")
+def test_failed_quantization_leaves_nothing(tmp_path, tiny_model_dir, monkeypatch):
+    import utils.gguf_export
+
+    def fail(f16, out, outtype):
+        assert f16.is_file() and f16.parent == tmp_path  # the f16 file is written beside the output
+        out.write_bytes(b"half")
+        raise UserError("llama.cpp could not quantize")
+
+    monkeypatch.setattr(utils.gguf_export, "quantize", fail)
+    with pytest.raises(UserError, match="could not quantize"):
+        export_gguf.main(model_path=str(tiny_model_dir), outtype="q4_k_m", output=str(tmp_path / "m.gguf"))
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- the fine-tuning template as the GGUF's chat template ----
+
+def test_every_template_as_jinja_renders_the_training_prompt(tmp_path, tokenizer):
+    """transformers' own Jinja rendering (apply_chat_template) and llama-cpp-python's (Jinja2ChatFormatter) of
+    the chat template export_gguf writes give the text training tokenized, for every template."""
+    from test_modelfile import SYSTEM, TURNS, chat_messages, every_template, training_text
+
+    from utils.chat_templates import jinja_chat_template
+    from utils.data import adds_bos, encode_dialogs
+
+    formatter = None
+    if importlib.util.find_spec("llama_cpp"):
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter as formatter
+    same_tokens = {}
+    for template in every_template(tokenizer, tmp_path):
+        for bos in (False, True):
+            jinja = jinja_chat_template(template, tokenizer.eos_token, bos)
+            for system in ([SYSTEM, ""] if template.system_format is not None else [""]):
+                for turns in (TURNS, TURNS[:1], [(TURNS[0][0], None)]):
+                    expected = (tokenizer.bos_token if bos else "") + training_text(template, system, turns,
+                                                                                    tokenizer.eos_token)
+                    messages = chat_messages(system, turns)
+                    got = tokenizer.apply_chat_template(messages, chat_template=jinja, tokenize=False,
+                                                        add_generation_prompt=turns[-1][1] is None)
+                    assert got == expected, (template.name, bos, system, turns)
+                    if formatter:
+                        assert formatter(jinja, tokenizer.eos_token, tokenizer.bos_token)(messages=messages).prompt \
+                            == expected
+            if template.system_format is None:
+                with pytest.raises(Exception, match="has no system role"):
+                    tokenizer.apply_chat_template([{"role": "system", "content": "x"}], chat_template=jinja,
+                                                  tokenize=False)
+        # the whole text tokenized at once (as llama.cpp and Ollama do) against training's per-segment tokens
+        ids = encode_dialogs([(SYSTEM if template.system_format is not None else "", TURNS, "")], tokenizer,
+                             template)[0][0]["input_ids"]
+        text = training_text(template, SYSTEM if template.system_format is not None else "", TURNS,
+                             tokenizer.eos_token)
+        whole = ([tokenizer.bos_token_id] if adds_bos(tokenizer, template) else []) + tokenizer(
+            text, add_special_tokens=False).input_ids
+        same_tokens[template.name] = whole == ids
+    print(f"whole-text tokens equal to training's per-segment tokens: {same_tokens}")
+    # GPT-2's split of a whitespace run before a word differs when the run ends a segment ("Assistant: " +
+    # "Hello": " " and "Hello" in training, " Hello" in one text): history answers of such templates differ
+    assert same_tokens["chatml"] and same_tokens["alpaca"] and same_tokens["auto"], same_tokens
+
+
+def merged_like(tmp_path, tiny_model_dir, template):
+    """The tiny model as merge_lora.py leaves a fine-tune: its folder holds the run's run_config.json."""
+    import shutil
+
+    from utils.templates import load_template
+
+    folder = tmp_path / "lumi-merged"
+    shutil.copytree(tiny_model_dir, folder)
+    from utils.model import load_tokenizer
+
+    tmpl = load_template(template, load_tokenizer(folder))
+    (folder / "run_config.json").write_text(json.dumps({"base_model": "builtin:smollm2", "template": tmpl.to_dict(),
+                                                        "merged_from": {"adapter": "output"}}))
+    return folder, tmpl
+
+
+def test_merged_folder_gguf_carries_its_training_template(tmp_path, tiny_model_dir, tokenizer):
+    from utils.chat_templates import jinja_chat_template
+
+    folder, tmpl = merged_like(tmp_path, tiny_model_dir, "alpaca")
+    path = export(tmp_path, folder, "f16", modelfile=True)
+    _, fields = read(path)
+    assert fields["tokenizer.chat_template"] == jinja_chat_template(tmpl, tokenizer.eos_token)
+    assert fields["tokenizer.ggml.add_bos_token"] is False
+    assert fields["general.basename"] == "smollm2" and fields["general.finetune"] == "lumi-merged"
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    assert tokenizer.apply_chat_template(messages, chat_template=fields["tokenizer.chat_template"], tokenize=False) \
+        == "Be brief.\n\n### Instruction:\n2+2?\n\n### Response:\n"
+    text = (tmp_path / "Modelfile").read_text()
+    assert "### Instruction:" in text and 'PARAMETER stop "### Instruction:"' in text
+    # an explicit --template wins over the recorded one
+    _, fields = read(export(tmp_path, folder, "f16", template="chatml"))
+    assert "<|im_start|>user" in fields["tokenizer.chat_template"]
+
+
+def test_chat_template_no_template_can_be_derived_from(tmp_path, tiny_model_dir, tokenizer):
+    """Kept verbatim in the GGUF, as before; a Modelfile, which needs a template, asks for --template."""
+    import copy
+    import shutil
+
+    folder = tmp_path / "odd-chat"
+    shutil.copytree(tiny_model_dir, folder)
+    odd = copy.deepcopy(tokenizer)
+    odd.chat_template = "{{ messages | length }} messages"
+    odd.save_pretrained(folder)
+    _, fields = read(export(tmp_path, folder, "f16"))
+    assert fields["tokenizer.chat_template"] == "{{ messages | length }} messages"
+    with pytest.raises(UserError, match="cannot be split into prompt and answer parts; pass --template="):
+        export_gguf.main(model_path=str(folder), output=str(tmp_path / "m.gguf"), modelfile=True)
+    assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "Modelfile").exists()
 
 
 @pytest.fixture(scope="module")
@@ -163,12 +315,20 @@ def builtin_greedy(smollm2_dir):
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                     reason="llama_cpp is not importable: pip install -r requirements-dev.txt "
                            "(builds llama-cpp-python, ~8 min)")
-@pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0"])
-def test_llama_cpp_greedy_equals_transformers(tmp_path, smollm2_dir, builtin_greedy, outtype):
-    from utils.gguf_export import llama_cpp_greedy
+@pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0", "q6_k", "q4_k_m"])
+def test_llama_cpp_greedy_equals_transformers(tmp_path, smollm2_dir, builtin_greedy, outtype, capsys):
+    from utils.gguf_export import QUANTS, llama_cpp_greedy
 
     prompts, expected = builtin_greedy
     path = export(tmp_path, smollm2_dir, outtype)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # the f16 file quantized from is removed
+    if outtype in QUANTS:
+        out = capsys.readouterr().out
+        print(out)
+        assert re.search(rf"Quality: llama.cpp perplexity on gguf_held.txt \(\d+ tokens\): f16 [\d.]+ \([\d.]+ MiB\) "
+                         rf"-> {outtype} [\d.]+ \([\d.]+ MiB\)", out)
+        _, fields = read(path)
+        assert fields["general.file_type"] == {"q6_k": 18, "q5_k_m": 17, "q4_k_m": 15, "q4_0": 2}[outtype]
     got, llm = llama_cpp_greedy(path, prompts, 16)
     for text, ids in zip(PROMPTS, prompts):  # the tokenizer metadata: llama.cpp splits text as transformers does
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
@@ -176,8 +336,8 @@ def test_llama_cpp_greedy_equals_transformers(tmp_path, smollm2_dir, builtin_gre
     print(f"{outtype}: tokens agreeing before the first difference, per prompt: {agree} of 16")
     if outtype in ("f32", "f16"):
         assert got == expected
-    else:
-        assert sum(agree) >= 24, agree  # q8_0 may drift late; it must not be garbage
+    else:  # quantized files may drift late; they must not be garbage
+        assert sum(agree) >= FLOORS[outtype], agree
 
 
 @pytest.mark.slow

@@ -50,7 +50,7 @@ def test_export_on_a_full_disk_leaves_no_partial_gguf(tmp_path, monkeypatch, tin
 
 @pytest.mark.parametrize("flags,message", [
     (dict(output="FILE"), r"--output=.*FILE is a file, not a folder"),
-    (dict(outtype="q4_k_m"), r"--outtype='q4_k_m' is not one of"),
+    (dict(outtype="q3_k_s"), r"--outtype='q3_k_s' is not one of"),
     (dict(modelfile="maybe"), r"--modelfile must be True or False"),
 ])
 def test_export_flags_are_checked_first(tmp_path, flags, message):

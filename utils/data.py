@@ -78,30 +78,39 @@ class Encoder:
             copy.backend.model._resize_cache(200_000)
         return copy
 
+    def segments(self, dialogs):
+        """Per dialog, the token ids of its template segments [prompt, answer, prompt, ...] (Template.render),
+        each tokenized on its own in one batched call for all of them, EOS ending every answer. The BOS, when
+        the tokenizer adds one, is not included: it is self.bos."""
+        eos_id = self.eos_id
+        rendered = [self.template.render(*dialog) for dialog in dialogs]
+        tokens = self.tokenize([s for segs in rendered for s in segs])
+        out, pos = [], 0
+        for segs in rendered:
+            out.append([seg if j % 2 == 0 or (seg and seg[-1] == eos_id) else seg + [eos_id]
+                        for j, seg in enumerate(tokens[pos:pos + len(segs)])])
+            pos += len(segs)
+        return out
+
     def dialogs(self, dialogs):
         """(examples, stats) for a list of (system, turns, last input) dialogs.
 
-        Each segment is tokenized on its own (one batched call for all of them), prompts are masked with
+        Each segment is tokenized on its own (see segments), prompts are masked with
         -100 unless train_on_inputs, EOS ends every answer. With a last answer of None (inference), the
         result is the prompt alone, token for token what training saw before that answer.
         """
         eos_id, bos = self.eos_id, self.bos
-        rendered = [self.template.render(*dialog) for dialog in dialogs]
-        tokens = self.tokenize([s for segs in rendered for s in segs])
-        examples, stats, pos = [], {"records": len(dialogs), "truncated": 0, "dropped": 0, "supervised_tokens": 0}, 0
-        for segs in rendered:
+        examples, stats = [], {"records": len(dialogs), "truncated": 0, "dropped": 0, "supervised_tokens": 0}
+        for segs in self.segments(dialogs):
             ids, labels, answer_start = list(bos), [IGNORE] * len(bos), None
-            for j in range(len(segs)):
-                seg = tokens[pos + j]
+            for j, seg in enumerate(segs):
                 if j % 2 == 0:
                     ids += seg
                     labels += seg if self.train_on_inputs else [IGNORE] * len(seg)
                 else:
-                    seg = seg if seg and seg[-1] == eos_id else seg + [eos_id]
                     answer_start = len(ids)
                     ids += seg
                     labels += seg
-            pos += len(segs)
             if self.cutoff_len and len(ids) > self.cutoff_len:
                 stats["truncated"] += 1
                 ids, labels = _truncate(ids, labels, answer_start if answer_start is not None else len(ids),

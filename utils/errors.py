@@ -19,7 +19,9 @@ def run_cli(main, aliases=None):
 
     quiet_dependency_notices()
     try:
-        argv, problems = renamed(sys.argv[1:], aliases or {})
+        # launchers' own flag (DeepSpeed's `deepspeed` launcher, torch.distributed.launch); LOCAL_RANK says it too
+        argv = [a for a in sys.argv[1:] if not a.startswith(("--local_rank=", "--local-rank="))]
+        argv, problems = renamed(argv, aliases or {})
         if "config" in inspect.signature(main).parameters:  # a script that reruns a file of flags
             argv, more = config_flags(main, argv, aliases)
             problems += more

@@ -232,6 +232,12 @@ def _read_config(path):
     return values
 
 
+# finetune's --optim and --lr_scheduler_type: transformers' names (tests/test_flags.py checks each against its enum);
+# the schedulers are those that need no extra arguments
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor",
+              "sgd")
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")
 REPORT_TO = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "swanlab": ("swanlab",),
              "mlflow": ("mlflow",)}  # --report_to: the Trainer's name -> the packages that provide it
 

@@ -2,8 +2,9 @@
 
 Written with the gguf package's GGUFWriter, following llama.cpp's conventions for the `llama` architecture:
 its tensor names, Q/K rows permuted from HF's rotate-half layout to llama.cpp's interleaved pairs, norms
-kept in f32. Types: f32, f16, bf16 and q8_0 (what the gguf package can write); for k-quants, run
-llama.cpp's `llama-quantize model-f16.gguf model-q4_k_m.gguf Q4_K_M` on the f16 file.
+kept in f32, and the general.* names its converter writes. Types f32, f16, bf16 and q8_0 are written here
+(what the gguf package can write); the k-quants (QUANTS) are llama.cpp's own quantizer run on the f16 file,
+through llama-cpp-python, which also measures perplexity and greedy continuations for the checks.
 """
 import json
 import math
@@ -14,6 +15,9 @@ import numpy as np
 from utils.errors import UserError
 
 TYPES = ("f32", "f16", "bf16", "q8_0")
+QUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+          "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
+OUTTYPES = TYPES + tuple(QUANTS)
 LAYER_NAMES = {
     "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
@@ -157,6 +161,36 @@ def tokenizer_vocab(folder, tokenizer, vocab_size):
     return model, pre, tokens, types, scores, merges
 
 
+def parameter_count(folder, tied):
+    """Parameters in the folder's weights (a tied output projection counted once), from the safetensors headers."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in weight_files(folder):
+        with safe_open(str(folder / f), "np") as st:
+            total += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys()
+                         if gguf_name(k) and not (tied and k == "lm_head.weight"))
+    return total
+
+
+def model_names(folder, run_config=None):
+    """(basename, finetune) as llama.cpp's converter derives them from a model name ("SmolLM2-135M-Instruct":
+    SmolLM2, Instruct). A merged fine-tune (run_config.json beside it) is named for its base model, and its
+    finetune for its own folder; finetune is None where the name holds none."""
+    import gguf
+
+    _, _, basename, finetune, _, _ = gguf.Metadata.get_model_id_components(folder.name)
+    if run_config and (run_config.get("base_model_path") or run_config.get("base_model")):
+        from utils.run_folder import BUILTIN
+
+        base = str(run_config.get("base_model_path") or run_config["base_model"])
+        if base == BUILTIN or Path(base).expanduser().is_dir():
+            base = "smollm2-135m-instruct" if base == BUILTIN else Path(base).name
+        _, _, base_name, _, _, _ = gguf.Metadata.get_model_id_components(base)
+        return base_name or base.split("/")[-1], folder.name
+    return basename or folder.name, finetune
+
+
 def convert(array, name, outtype):
     """(data, raw_dtype) in the output type; 1-D tensors (norms) and rows not a multiple of 32 stay wider."""
     from gguf import GGMLQuantizationType as Q
@@ -173,13 +207,17 @@ def convert(array, name, outtype):
     return quantize(array, Q.Q8_0), Q.Q8_0
 
 
-def write_gguf(folder, path, outtype, config, tokenizer, name):
-    """Write the GGUF file; returns the number of tensors written."""
+def write_gguf(folder, path, outtype, config, tokenizer, name, chat_template=None, add_bos=None, names=None):
+    """Write the GGUF file; returns the number of tensors written.
+
+    chat_template: tokenizer.chat_template (default the tokenizer's own); add_bos: whether llama.cpp prepends
+    BOS (default: whether the tokenizer does); names: (basename, finetune) (default model_names(folder)).
+    """
     import gguf
 
     if outtype not in TYPES:
-        raise UserError(f"--outtype={outtype!r} is not one of {', '.join(TYPES)}; "
-                        "for k-quants run llama.cpp's llama-quantize on the f16 file.")
+        raise UserError(f"--outtype={outtype!r} is not one of {', '.join(TYPES)} (k-quants go through the f16 file); "
+                        "pass one of them.")
     if getattr(config, "model_type", None) != "llama":
         raise UserError(f"{folder}/config.json has model_type {getattr(config, 'model_type', None)!r}; "
                         "this exporter writes LLaMA-architecture models only.")
@@ -189,7 +227,14 @@ def write_gguf(folder, path, outtype, config, tokenizer, name):
     model, pre, tokens, types, scores, merges = tokenizer_vocab(folder, tokenizer, config.vocab_size)
 
     w = gguf.GGUFWriter(str(path), "llama")
+    w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name)
+    basename, finetune = names or model_names(folder)
+    w.add_basename(basename)
+    if finetune:
+        w.add_finetune(finetune)
+    tied = getattr(config, "tie_word_embeddings", False)
+    w.add_size_label(gguf.size_label(parameter_count(folder, tied), 0, 0, 0))
     w.add_vocab_size(config.vocab_size)
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
@@ -197,9 +242,8 @@ def write_gguf(folder, path, outtype, config, tokenizer, name):
     w.add_block_count(config.num_hidden_layers)
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
-    if head_dim != config.hidden_size // heads:
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
     w.add_rope_dimension_count(head_dim)
     w.add_rope_freq_base(float(theta))
     w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
@@ -222,15 +266,16 @@ def write_gguf(folder, path, outtype, config, tokenizer, name):
                        ("unk", tokenizer.unk_token_id), ("pad", tokenizer.pad_token_id)):
         if value is not None:
             getattr(w, f"add_{key}_token_id")(value)
-    adds_bos = tokenizer.bos_token_id is not None and tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]
-    w.add_add_bos_token(adds_bos)
+    if add_bos is None:
+        add_bos = tokenizer.bos_token_id is not None and tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]
+    w.add_add_bos_token(bool(add_bos))
     w.add_add_eos_token(False)
     if model == "llama":
         w.add_add_space_prefix(True)
-    if tokenizer.chat_template:
-        w.add_chat_template(tokenizer.chat_template)
+    chat_template = tokenizer.chat_template if chat_template is None else chat_template
+    if chat_template:
+        w.add_chat_template(chat_template)
 
-    tied = getattr(config, "tie_word_embeddings", False)
     unknown, count = [], 0
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", rope_freqs)
@@ -260,27 +305,10 @@ def write_gguf(folder, path, outtype, config, tokenizer, name):
     return count
 
 
-def modelfile(gguf_path, tokenizer):
-    """An Ollama Modelfile next to the GGUF: FROM it; ChatML models get their TEMPLATE and stop token."""
-    lines = [f"FROM ./{Path(gguf_path).name}"]
-    template = tokenizer.chat_template or ""
-    if "<|im_start|>" in template:
-        lines += ['TEMPLATE """{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
-                  '{{ if .Prompt }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}'
-                  '<|im_start|>assistant\n{{ .Response }}<|im_end|>\n"""',
-                  'PARAMETER stop "<|im_end|>"']
-    elif tokenizer.eos_token:
-        lines.append(f'PARAMETER stop "{tokenizer.eos_token}"')
-    return "\n".join(lines) + "\n"
-
-
-def llama_cpp_greedy(gguf_path, prompt_ids, max_new_tokens=16):
-    """llama.cpp's greedy continuation (token ids) of each prompt, through llama-cpp-python.
-
-    Weights stay in llama.cpp's plain CPU buffers: on CPUs with AMX, its repacked AMX buffers segfault in
-    the first q8_0 matmul (llama.cpp issue 20824, seen on this project's test machine). Llama() takes no
-    such setting, so its default model parameters are patched while it loads.
-    """
+def load_llama(gguf_path, **kwargs):
+    """llama-cpp-python's Llama on the file, quiet, on 2 threads, weights in llama.cpp's plain CPU buffers: on CPUs
+    with AMX its repacked buffers segfault in the first q8_0 matmul (llama.cpp issue 20824, seen on this project's
+    test machine). Llama() takes no such setting, so its default model parameters are patched while it loads."""
     import llama_cpp
     from llama_cpp import Llama
 
@@ -293,9 +321,14 @@ def llama_cpp_greedy(gguf_path, prompt_ids, max_new_tokens=16):
 
     llama_cpp.llama_cpp.llama_model_default_params = without_repacking
     try:
-        llm = Llama(model_path=str(gguf_path), n_ctx=512, n_threads=2, verbose=False, logits_all=False)
+        return Llama(model_path=str(gguf_path), n_threads=2, verbose=False, **{"n_ctx": 512, **kwargs})
     finally:
         llama_cpp.llama_cpp.llama_model_default_params = defaults
+
+
+def llama_cpp_greedy(gguf_path, prompt_ids, max_new_tokens=16):
+    """llama.cpp's greedy continuation (token ids) of each prompt, through llama-cpp-python."""
+    llm = load_llama(gguf_path, logits_all=False)
     outs = []
     for ids in prompt_ids:
         llm.reset()
@@ -306,3 +339,45 @@ def llama_cpp_greedy(gguf_path, prompt_ids, max_new_tokens=16):
                 break
         outs.append(out)
     return outs, llm
+
+
+def llama_cpp_perplexity(gguf_path, text, max_tokens=1024):
+    """(perplexity, tokens) of llama.cpp on `text` in one window: its own tokenization, BOS as the file says."""
+    llm = load_llama(gguf_path, n_ctx=max_tokens, logits_all=True)
+    ids = llm.tokenize(text.encode("utf-8"), add_bos=True)[:max_tokens]
+    llm.eval(ids)
+    nll = 0.0
+    for row, target in zip(llm.scores[:len(ids) - 1], ids[1:]):  # row by row: a window of logits is large
+        peak = row.max()
+        nll += float(peak + np.log(np.exp(row - peak, dtype=np.float64).sum()) - row[target])
+    llm.close()
+    return math.exp(nll / (len(ids) - 1)), len(ids)
+
+
+def quantize(f16_path, out_path, outtype):
+    """llama.cpp's quantizer from the f16 file to one of QUANTS; returns how many tensors fell back to another type
+    (rows not a multiple of 256, such as SmolLM2's 576: Q4_K falls back to q5_0, Q6_K to q8_0). Its per-tensor log
+    is collected instead of printed (llama-cpp-python's callback, put back afterwards, misreads its levels)."""
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp import _logger
+
+    lines = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level, text, user_data):
+        lines.append(text.decode("utf-8", "replace"))
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, QUANTS[outtype])
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        code = llama_cpp.llama_model_quantize(str(f16_path).encode(), str(out_path).encode(), params)
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    if code != 0:
+        last = next((line.strip() for line in reversed(lines) if line.strip()), "no message")
+        raise UserError(f"llama.cpp could not quantize {f16_path} to {outtype} ({last}); "
+                        "check the free disk space, or pass --outtype=f16.")
+    return sum("falling back to" in line for line in lines)

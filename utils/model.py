@@ -252,8 +252,10 @@ def load_config(path, local_files_only=False, trust_remote_code=False):
     return AutoConfig.from_pretrained(path, local_files_only=local_files_only, trust_remote_code=trust_remote_code)
 
 
-def quantization_config(bits, compute_dtype):
-    """BitsAndBytes settings for 4-bit QLoRA (NF4, double quantization) or 8-bit; None for 16/32-bit."""
+def quantization_config(bits, compute_dtype, sharded=False):
+    """BitsAndBytes settings for 4-bit QLoRA (NF4, double quantization) or 8-bit; None for 16/32-bit. `sharded`
+    (FSDP or ZeRO-3 will shard the base): the 4-bit weights are stored packed in the compute dtype, as those
+    engines shard one dtype per group of weights (bnb_4bit_quant_storage)."""
     if bits not in (4, 8, 16, 32):
         raise UserError(f"--bits={bits!r} must be 4, 8 or 16.")
     if bits >= 16:
@@ -263,7 +265,8 @@ def quantization_config(bits, compute_dtype):
     if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)
+                              bnb_4bit_compute_dtype=compute_dtype,
+                              bnb_4bit_quant_storage=compute_dtype if sharded else "uint8")
 
 
 @contextlib.contextmanager
@@ -327,16 +330,17 @@ def _loading_to_quantize(vocab_size):
 
 
 def load_model(path, dtype, bits=16, device_map=None, local_files_only=False, attn_implementation="sdpa",
-               trust_remote_code=False):
+               trust_remote_code=False, sharded=False, max_memory=None):
     """Load a causal LM from a resolved path in `dtype`, optionally quantized to 4 or 8 bits. A model that ships
-    its own code gets no attn_implementation: its attention is its own."""
+    its own code gets no attn_implementation: its attention is its own. `sharded`: FSDP or ZeRO-3 will shard
+    it (no device map: the engine places it; ZeRO-3 loads it sharded already)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    qconfig = quantization_config(bits, dtype)
+    qconfig = quantization_config(bits, dtype, sharded)
     loading = contextlib.nullcontext()  # 16-bit shards in the wanted dtype are used as mapped: nothing is copied
     if qconfig is not None:
-        if device_map is None:
+        if device_map is None and not sharded:
             device_map = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
         config = load_config(path, local_files_only, trust_remote_code)
         loading = _loading_to_quantize(getattr(config.get_text_config(), "vocab_size", None))
@@ -345,20 +349,22 @@ def load_model(path, dtype, bits=16, device_map=None, local_files_only=False, at
         return AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, quantization_config=qconfig, device_map=device_map,
             local_files_only=local_files_only, trust_remote_code=trust_remote_code, **own_attention,
+            **({"max_memory": max_memory} if max_memory else {}),
         )
 
 
 def device_map_for(num_gpus):
-    """None on CPU, one GPU, or a balanced map over the first num_gpus GPUs (as the older project did)."""
+    """(device_map, max_memory) for from_pretrained: (None, None) on CPU, the first GPU alone, or the layers
+    spread evenly ("balanced") over the first num_gpus GPUs, which max_memory limits to those (as the older
+    project did)."""
     import torch
 
     if not torch.cuda.is_available():
-        return None
+        return None, None
     count = min(max(int(num_gpus or 1), 1), torch.cuda.device_count())
     if count == 1:
-        return {"": 0}
-    return "auto" if count == torch.cuda.device_count() else {
-        "max_memory": {i: torch.cuda.get_device_properties(i).total_memory for i in range(count)}}
+        return {"": 0}, None
+    return "balanced", {i: torch.cuda.get_device_properties(i).total_memory for i in range(count)}
 
 
 def load_for_inference(model_path=None, lora_model=None, base_model=None, template="auto", bits=16,
@@ -390,8 +396,9 @@ def load_for_inference(model_path=None, lora_model=None, base_model=None, templa
         trust_remote_code = bool((run_config or {}).get("trust_remote_code"))
     check_remote_code(path, trust_remote_code)
     tokenizer = load_tokenizer(tokenizer_path, local_files_only, trust_remote_code)
-    model = load_model(path, dtype, bits, device_map=device_map_for(num_gpus), local_files_only=local_files_only,
-                       trust_remote_code=trust_remote_code)
+    device_map, max_memory = device_map_for(num_gpus)
+    model = load_model(path, dtype, bits, device_map=device_map, local_files_only=local_files_only,
+                       trust_remote_code=trust_remote_code, max_memory=max_memory)
     if lora_model:
         from peft import PeftModel
 

@@ -225,10 +225,9 @@ def _string(rec, key, where, required=True):
     return value
 
 
-def _chat(rec, where):
-    """OpenAI `messages` ({role, content}) or ShareGPT `conversations` ({from, value}) to (system, turns)."""
-    key = "messages" if "messages" in rec else "conversations"
-    msgs = rec[key]
+def parse_messages(msgs, key, where):
+    """(system, [(role, content), ...]) of a list of OpenAI ({role, content}) or ShareGPT ({from, value})
+    messages, roles named as ROLES names them; a leading system message becomes the system text."""
     if not isinstance(msgs, list) or not msgs:
         raise UserError(f'{where}: "{key}" must be a non-empty list of messages.')
     parsed = []
@@ -240,6 +239,13 @@ def _chat(rec, where):
                             'and a string content.')
         parsed.append((ROLES[role], content))
     system = parsed.pop(0)[1] if parsed[0][0] == "system" else ""
+    return system, parsed
+
+
+def _chat(rec, where):
+    """OpenAI `messages` ({role, content}) or ShareGPT `conversations` ({from, value}) to (system, turns)."""
+    key = "messages" if "messages" in rec else "conversations"
+    system, parsed = parse_messages(rec[key], key, where)
     if not parsed:
         raise UserError(f'{where}: "{key}" holds only a system message; '
                         'add a user message and the assistant\'s answer, or remove the record.')
@@ -251,6 +257,16 @@ def _chat(rec, where):
         raise UserError(f"{where}: an assistant message is empty; "
                         "give every assistant message some text, or remove the record.")
     return system, turns
+
+
+def history_pairs(rec, where):
+    """The record's optional "history": [(question, answer), ...], oldest first."""
+    history = rec.get("history") or []
+    if not isinstance(history, list) or not all(isinstance(p, (list, tuple)) and len(p) == 2
+                                                and all(isinstance(s, str) for s in p) for p in history):
+        raise UserError(f'{where}: "history" must be a list of [question, answer] string pairs, oldest first, '
+                        'e.g. [["Hi", "Hello!"]].')
+    return [tuple(p) for p in history]
 
 
 def to_dialog(rec, where):
@@ -266,12 +282,7 @@ def to_dialog(rec, where):
     system = _string(rec, "system", where, required=False)
     if not output.strip():
         raise UserError(f'{where}: "output" is empty; give every record a non-empty "output", or remove the record.')
-    history = rec.get("history") or []
-    if not isinstance(history, list) or not all(isinstance(p, (list, tuple)) and len(p) == 2
-                                                and all(isinstance(s, str) for s in p) for p in history):
-        raise UserError(f'{where}: "history" must be a list of [question, answer] string pairs, oldest first, '
-                        'e.g. [["Hi", "Hello!"]].')
-    return system, [tuple(p) for p in history] + [(instruction, output)], input_text
+    return system, history_pairs(rec, where) + [(instruction, output)], input_text
 
 
 def to_text(rec, where):

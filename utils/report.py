@@ -118,9 +118,15 @@ def _validation_items(val, tokenizer, stage):
 
 
 def end_of_run_report(model, tokenizer, template, out, stage="sft", val=None, probes=(), eval_loss=None,
-                      max_new_tokens=128, say=print):
+                      max_new_tokens=128, say=print, engine=None):
     """Answer the validation prompts and the probes with the adapter off and on, print the comparison and write
-    report.md and report.json to `out`. `model` is the trained peft model; it is left ready for inference."""
+    report.md and report.json to `out`. `model` is the trained peft model; it is left ready for inference. Under
+    an `engine` that shards the weights (ZeRO-3, FSDP2) no process holds the whole model: it says so instead."""
+    from utils.distributed import shards_weights
+
+    if shards_weights(engine):
+        return say(f"no report: under {engine} no process holds the whole model; merge the adapter "
+                   f"(merge_lora.py) and chat with the merged model instead")
     from utils.data import Encoder, encode_prompt
     from utils.fast import for_inference
     from utils.files import write_text_atomic

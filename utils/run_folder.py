@@ -22,7 +22,10 @@ from utils.errors import UserError, is_main_process
 BUILTIN = "builtin:smollm2"
 RUN_CONFIG = "run_config.json"
 
-NEEDED = ("adapter_config.json", "optimizer.pt", "scheduler.pt", "trainer_state.json")
+# what a complete checkpoint holds, each under one of its names: the optimizer's state is one file, FSDP's
+# sharded folder, or DeepSpeed's `latest` (naming its global_stepN/ folder)
+NEEDED = (("adapter_model.safetensors", "adapter_model.bin"), ("adapter_config.json",),
+          ("optimizer.pt", "optimizer_0", "latest"), ("scheduler.pt",), ("trainer_state.json",))
 _STEP = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -31,9 +34,7 @@ def checkpoint_problem(folder):
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         return f"{folder} is not a folder"
-    missing = [name for name in NEEDED if not (folder / name).is_file()]
-    if not any((folder / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
-        missing.insert(0, "adapter_model.safetensors")
+    missing = [names[0] for names in NEEDED if not any((folder / name).exists() for name in names)]
     if missing:
         return f"{folder} is not a complete checkpoint (it lacks {', '.join(missing)})"
     try:
@@ -135,16 +136,22 @@ def read_json(path, what):
         raise UserError(f"{path} is not readable JSON ({getattr(e, 'msg', None) or e}); {what}") from None
 
 
-def save_run(output_dir, model, tokenizer, config, log_history):
+def save_run(output_dir, model, tokenizer, config, log_history, engine=None):
     """finetune's final files: the adapter, the tokenizer, run_config.json (`config`) and loss.png, moved into
-    output_dir together once every one is written."""
+    output_dir together once every one is written. Every process calls it, and global rank 0 writes: under an
+    `engine` that shards the weights (utils/distributed) all of them take part in gathering the LoRA weights."""
+    from utils.distributed import whole_trainable_weights
+    from utils.errors import is_main_process
     from utils.lora import save_adapter
 
-    with staged(output_dir) as folder:
-        save_adapter(model, folder)
-        tokenizer.save_pretrained(folder)
-        write_run_config(folder, config)
-        plot_loss(log_history, folder / "loss.png")
+    with whole_trainable_weights(model, engine):
+        if not is_main_process():
+            return
+        with staged(output_dir) as folder:
+            save_adapter(model, folder)
+            tokenizer.save_pretrained(folder)
+            write_run_config(folder, config)
+            plot_loss(log_history, folder / "loss.png")
 
 
 def write_run_config(output_dir, config):

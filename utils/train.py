@@ -12,21 +12,24 @@ from utils.fast.attention import _CausalAttention
 
 
 def lora_for_training(model_path, dtype, bits, device, lora, checkpointing, tokens_per_step, length,
-                      local_files_only=False, trust_remote_code=False):
+                      local_files_only=False, trust_remote_code=False, sharding=None):
     """Load the base, wrap it in LoRA (`lora`: r, alpha, dropout, target_modules, modules_to_save) and apply
     the fast path. Returns (the peft model, the head the loss projects with or None, whether activations are
     recomputed, the banner's lines). `checkpointing` True/False, or "auto": on for a 4/8-bit base (chosen
-    to save memory), else only when the activations of `tokens_per_step` tokens would not fit."""
+    to save memory), else only when the activations of `tokens_per_step` tokens would not fit. `sharding`: the
+    engine (utils/distributed.engine), for the fast path and a sharded QLoRA base."""
     from peft import get_peft_model
 
     from utils.fast import attention_for, prepare_for_training, register_packed_attention
     from utils.lora import find_target_modules, lora_config
     from utils.memory import return_freed_memory, reuse_freed_memory
+    from utils.distributed import shards_weights
     from utils.model import load_model
 
     register_packed_attention()
     model = load_model(model_path, dtype, bits, local_files_only=local_files_only,
-                       attn_implementation=attention_for(device), trust_remote_code=trust_remote_code)
+                       attn_implementation=attention_for(device), trust_remote_code=trust_remote_code,
+                       sharded=shards_weights(sharding))
     memory_first = bits < 16  # a 4/8-bit base exists to save memory: recompute activations, return freed memory
     if device == "cpu" and not memory_first:  # keep freed activations for the next step
         reuse_freed_memory()
@@ -43,7 +46,7 @@ def lora_for_training(model_path, dtype, bits, device, lora, checkpointing, toke
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
-    head, fast = prepare_for_training(model, device)  # the kernels measured to pay on this device (utils/fast)
+    head, fast = prepare_for_training(model, device, sharding)  # the kernels measured to pay here (utils/fast)
     if checkpointing == "auto":
         checkpointing = memory_first or needs_checkpointing(model.config, tokens_per_step, length, dtype.itemsize,
                                                             device, logits=head is None)
@@ -53,18 +56,20 @@ def lora_for_training(model_path, dtype, bits, device, lora, checkpointing, toke
               f"LoRA r={lora['r']} on {', '.join(targets)}   trainable {trainable:,} of {total:,} parameters\n"
               f"activation checkpointing: {'on' if checkpointing else 'off'}"
               + (f"   {torch.get_num_threads()} CPU threads" if device == "cpu" else "")
-              + f"   fast path: {', '.join(fast)}")
+              + f"   fast path: {', '.join(fast)}" + (f"   engine: {sharding}" if sharding else ""))
     return model, head, bool(checkpointing), banner
 
 
 AUTO_EPOCHS, AUTO_MIN_UPDATES, AUTO_MAX_EPOCHS = 3, 75, 10
 
 
-def auto_epochs(examples, examples_per_update):  # per process: the world's is WORLD_SIZE times more
-    """--num_epochs=auto: 3 passes over the data, or more for a small data set, so that the run makes at least
-    AUTO_MIN_UPDATES optimizer updates (at most AUTO_MAX_EPOCHS passes), as OpenAI's fine-tuning picks its epochs
-    from the data's size. The demo's 120 records at 8 a step: 5 epochs (3 leave its persona half-learnt and
-    looping: the report in README.md); 200 records or more at 8 a step: 3."""
+def auto_epochs(examples, examples_per_update, num_epochs="auto"):  # per process: the world's is WORLD_SIZE x
+    """`num_epochs`, or for --num_epochs=auto: 3 passes over the data, or more for a small data set, so that the run
+    makes at least AUTO_MIN_UPDATES optimizer updates (at most AUTO_MAX_EPOCHS passes), as OpenAI's fine-tuning
+    picks its epochs from the data's size. The demo's 120 records at 8 a step: 5 epochs (3 leave its persona
+    half-learnt and looping: the report in README.md); 200 records or more at 8 a step: 3."""
+    if num_epochs != "auto":
+        return num_epochs
     per_epoch = math.ceil(examples / (examples_per_update * int(os.environ.get("WORLD_SIZE", 1))))
     return max(AUTO_EPOCHS, min(AUTO_MAX_EPOCHS, math.ceil(AUTO_MIN_UPDATES / max(per_epoch, 1))))
 

@@ -18,22 +18,31 @@ __all__ = ["PACKED_ATTENTION", "attention_for", "causal_lm_loss", "for_inference
            "register_packed_attention"]
 
 
-def prepare_for_training(model, device):
+def prepare_for_training(model, device, sharding=None):
     """Apply the measured kernels to a peft model for `device`; returns (the head the loss projects with, or
-    None for the usual logits, the names of the pieces that are on, for the run's banner)."""
+    None for the usual logits, the names of the pieces that are on, for the run's banner).
+
+    Under an engine that shards the weights (`sharding` "zero3", "fsdp2": utils/distributed), a weight is whole
+    only inside its own module's forward, where the engine's hooks gather it. The fused LoRA layer reads its
+    base layer's weight from the parent's forward and the loss reads lm_head's after the model's: both step
+    aside, and the banner says so. The packed attention and the norms read no weight of another module.
+    """
     attention = getattr(model.config, "_attn_implementation", None)
     on = ["packed attention" + (" (FlashAttention-2)" if attention == "flash_attention_2" else "")] if attention in (
         PACKED_ATTENTION, "flash_attention_2") else []
     on.append("loss on supervised tokens")
     if device != "cpu":
         return None, on
-    if fast_lora(model):
+    sharded = sharding in ("zero3", "fsdp1", "fsdp2")
+    if not sharded and fast_lora(model):
         on.append("fused LoRA")
     if fast_norms(model):
         on.append("fused RMSNorm")
-    head = project_in_loss(model)
+    head = None if sharded else project_in_loss(model)
     if head is not None:
         on.append("loss without logits")
+    if sharded:
+        on.append(f"off under {sharding} (they read weights it shards): fused LoRA, loss without logits")
     return head, on
 
 

@@ -1,0 +1,212 @@
+"""Beyond one device, on this CPU: DDP (torchrun), DeepSpeed ZeRO-2 and ZeRO-3, FSDP2 (accelerate launch), each
+with 2 processes over gloo, against one process with the same global batch; a ZeRO-3 resume; 2 "nodes".
+
+Each distributed run is a real launch of finetune.py, as a user types it. The gradients are compared through the
+weights after plain SGD steps (lr 1, no clipping, no schedule): Adam's update would hide a constant factor, such as
+gradients summed over ranks instead of averaged.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+needs_deepspeed = pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is None,
+                                     reason="DeepSpeed is not installed (requirements-dev.txt)")
+ENGINES = ("ddp", "zero2", "zero3", "fsdp2")
+SGD = ["--optim=sgd", "--learning_rate=1", "--max_steps=2"]
+ADAMW = ["--optim=adamw_torch", "--learning_rate=0.01", "--max_steps=3"]
+# fp32 sums in another order (per rank, then reduced): the weights agree to this. After AdamW, an element whose
+# gradient is near 0 turns a 1e-7 difference into a larger step (Adam divides by its size): 1% of the lr
+RTOL, ATOL, ADAMW_ATOL = 1e-4, 1e-6, 1e-4
+
+
+def free_port():
+    with socket.socket() as sock:  # several suites may run at once on one machine
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(engine, model, data, out, *flags, batch=2):
+    """finetune.py under `engine` ("single": one process), as a user launches it; returns the finished process."""
+    common = [f"--base_model={model}", f"--data_path={data}", f"--output_dir={out}", "--precision=fp32",
+              f"--per_device_train_batch_size={batch}", "--save_steps=1", "--logging_steps=1", "--report=False",
+              "--lr_scheduler_type=constant", "--warmup_ratio=0", "--max_grad_norm=0", "--seed=0", *flags]
+    script = str(ROOT / "finetune.py")
+    if engine == "single":
+        cmd = [sys.executable, script]
+    elif engine == "fsdp2":
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"), "--num_processes=2",
+               f"--main_process_port={free_port()}", script]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               script] + ([f"--deepspeed={engine}"] if engine.startswith("zero") else [])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd + common, capture_output=True, text=True, timeout=600, cwd=out.parent, env=env)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    return proc
+
+
+def adapter(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def losses(folder):
+    state = json.loads((folder / "trainer_state.json").read_text())
+    return [e["loss"] for e in state["log_history"] if "loss" in e]
+
+
+def assert_same_weights(got, want, atol=ATOL):
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].abs().sum() > 0 or want[name].abs().sum() == 0, f"{name} is empty"
+        torch.testing.assert_close(got[name], want[name], rtol=RTOL, atol=atol, msg=name)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dist-data") / "data.json"
+    records = [{"instruction": f"count to {i % 7 + 1}", "input": "" if i % 3 else f"in {'中文' if i % 2 else 'words'}",
+                "output": " ".join(str(n) for n in range(1, i % 7 + 2))} for i in range(32)]
+    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def single(tiny_model_dir, data, tmp_path_factory):
+    """The references: one process with the global batch (4), plain SGD and AdamW."""
+    base = tmp_path_factory.mktemp("single")
+    launch("single", tiny_model_dir, data, base / "sgd", *SGD, batch=4)
+    launch("single", tiny_model_dir, data, base / "adamw", *ADAMW, batch=4)
+    return base
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("engine", ENGINES)
+def test_gradients_and_adamw_equal_one_process(engine, single, tiny_model_dir, data, tmp_path):
+    """2 processes x 2 examples = 1 process x 4: after each plain SGD step (so, the gradients) and after 3 AdamW
+    steps (the weights and every logged loss), the LoRA weights equal the single process's; the engine ran."""
+    sgd = tmp_path / "sgd"
+    proc = launch(engine, tiny_model_dir, data, sgd, *SGD)
+    assert f"engine: {engine}" in proc.stdout or engine == "ddp", proc.stdout[-2000:]
+    for step in (1, 2):  # step 1: lora_B's gradient (lora_B starts at 0); step 2: lora_A's too
+        assert_same_weights(adapter(sgd / f"checkpoint-{step}"), adapter(single / "sgd" / f"checkpoint-{step}"))
+    marker = {"zero2": "global_step1", "zero3": "global_step1", "fsdp2": "pytorch_model_fsdp_0"}.get(engine)
+    assert marker is None or (sgd / "checkpoint-1" / marker).exists(), sorted(os.listdir(sgd / "checkpoint-1"))
+    adamw = tmp_path / "adamw"
+    launch(engine, tiny_model_dir, data, adamw, *ADAMW)
+    torch.testing.assert_close(losses(adamw / "checkpoint-3"), losses(single / "adamw" / "checkpoint-3"),
+                               rtol=RTOL, atol=ATOL)
+    assert_same_weights(adapter(adamw), adapter(single / "adamw"), ADAMW_ATOL)  # whole, not Size([0])
+    config = json.loads((adamw / "run_config.json").read_text())
+    assert config["training"]["engine"] == (None if engine == "ddp" else engine)
+    if engine in ("zero3", "fsdp2"):
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adamw)
+        assert sum(p.abs().sum() for n, p in model.named_parameters() if "lora_B" in n) > 0
+
+
+@needs_deepspeed
+def test_zero3_resume_gives_the_next_loss(single, tiny_model_dir, data, tmp_path):
+    """A ZeRO-3 run resumed from its step-2 checkpoint (sharded optimizer state) logs the uninterrupted run's step 3."""
+    whole = tmp_path / "whole"
+    launch("zero3", tiny_model_dir, data, whole, *ADAMW)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
+    launch("zero3", tiny_model_dir, data, resumed, *ADAMW, "--resume_from_checkpoint=True")
+    torch.testing.assert_close(losses(resumed / "checkpoint-3")[-1], losses(whole / "checkpoint-3")[-1],
+                               rtol=RTOL, atol=ATOL)
+    assert_same_weights(adapter(resumed), adapter(whole), ADAMW_ATOL)
+
+
+def test_two_nodes_on_one_machine(tiny_model_dir, data, tmp_path):
+    """torchrun --nnodes=2 on 127.0.0.1, one process per "node": both train; only global rank 0 writes."""
+    out, port = tmp_path / "nodes", free_port()
+    common = [f"--base_model={tiny_model_dir}", f"--data_path={data}", f"--output_dir={out}", "--precision=fp32",
+              "--per_device_train_batch_size=2", "--max_steps=2", "--save_steps=2", "--report=False"]
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}",
+                               str(ROOT / "finetune.py"), *common],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+             for rank in (0, 1)]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [r[1][-3000:] for r in results]
+    assert "wrote the adapter" in results[0][0] and "wrote the adapter" not in results[1][0]
+    assert "processes: 2" in results[0][0]
+    assert (out / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
+
+
+# --- without launching ------------------------------------------------------------------------------------------------
+
+def test_deepspeed_not_installed_is_one_sentence(monkeypatch):
+    import importlib.util
+
+    from utils.distributed import DEEPSPEED, deepspeed_config
+    from utils.errors import UserError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    with pytest.raises(UserError, match=rf"^--deepspeed needs DeepSpeed, which is not installed: pip install "
+                                        rf"{DEEPSPEED}$"):
+        deepspeed_config("zero3")
+    assert DEEPSPEED.split("==")[1] in (ROOT / "requirements-dev.txt").read_text()
+
+
+def test_shipped_configs_name_a_zero_stage_and_leave_sizes_to_the_trainer():
+    for name, stage in (("zero2", 2), ("zero3", 3), ("zero3_offload", 3)):
+        config = json.loads((ROOT / "configs" / "deepspeed" / f"{name}.json").read_text())
+        assert config["zero_optimization"]["stage"] == stage
+        assert config["train_micro_batch_size_per_gpu"] == config["gradient_accumulation_steps"] == "auto"
+    import yaml
+
+    fsdp = yaml.safe_load((ROOT / "configs" / "accelerate" / "fsdp2.yaml").read_text())
+    assert fsdp["distributed_type"] == "FSDP" and fsdp["fsdp_config"]["fsdp_version"] == 2
+
+
+def test_fsdp1_and_two_engines_are_refused(monkeypatch):
+    from utils.distributed import sharding_problem
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    assert sharding_problem(None, 16).startswith("FSDP1 is not supported: set fsdp_version: 2")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert sharding_problem(None, 16) is None
+    assert sharding_problem("zero3.json", 16).startswith("--deepspeed and an accelerate FSDP config exclude")
+    assert sharding_problem(None, 8).startswith("--use_8bit cannot be sharded")
+
+
+def test_sharded_qlora_stores_4bit_weights_in_the_compute_dtype():
+    from utils.model import quantization_config
+
+    assert quantization_config(4, torch.bfloat16, sharded=True).bnb_4bit_quant_storage == torch.bfloat16
+    assert quantization_config(4, torch.bfloat16).bnb_4bit_quant_storage == torch.uint8
+
+
+def test_num_gpus_spreads_over_the_first_n_gpus(monkeypatch):
+    """--num_gpus: from_pretrained gets a device map and max_memory for those GPUs (the older code passed
+    {"max_memory": ...} as the device map itself, which from_pretrained rejects)."""
+    from types import SimpleNamespace
+
+    from utils.model import device_map_for
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=(i + 1) << 30))
+    assert device_map_for(1) == ({"": 0}, None)
+    assert device_map_for(2) == ("balanced", {0: 1 << 30, 1: 2 << 30})
+    assert device_map_for(8) == ("balanced", {i: (i + 1) << 30 for i in range(4)})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device_map_for(2) == (None, None)
