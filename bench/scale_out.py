@@ -65,7 +65,7 @@ def run(engine, model, out, steps, cutoff_len):
         sys.exit(f"{engine} failed:\n{text[-3000:]}")
     speed = json.loads((out / "run_config.json").read_text())["training"]["tokens_per_second"]
     fast = next((line for line in text.splitlines() if "fast path:" in line), "")
-    return sorted(peaks.values(), reverse=True), speed, time.time() - t0, fast.split("fast path: ")[-1]
+    return sorted(peaks.values(), reverse=True), speed, time.time() - t0, fast.split("fast path: ")[-1].split("   ")[0]
 
 
 def main(steps: int = 4, cutoff_len: int = 256, keep: str = None):
