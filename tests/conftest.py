@@ -109,3 +109,14 @@ def finetune(tiny_model_dir, data_file, tmp_path):
         return script.main(**kwargs)
 
     return run
+
+
+def chat_messages(system, turns):
+    """OpenAI messages of a conversation: the system text (if any), then each (user, answer) turn; an answer of
+    None leaves the conversation ending on the user's turn."""
+    messages = [{"role": "system", "content": system}] if system else []
+    for user, answer in turns:
+        messages.append({"role": "user", "content": user})
+        if answer is not None:
+            messages.append({"role": "assistant", "content": answer})
+    return messages

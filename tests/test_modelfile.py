@@ -10,6 +10,7 @@ import re
 
 import pytest
 
+from conftest import chat_messages
 from utils.chat_templates import go_template, modelfile
 from utils.templates import Template, builtin_names, from_chat_template, load_template
 
@@ -289,15 +290,6 @@ def training_text(template, system, turns, eos):
     """Template.render's segments with EOS after each answer that lacks it, as utils/data.Encoder appends it."""
     segments = template.render(system, turns)
     return "".join(s + eos if i % 2 and not s.endswith(eos) else s for i, s in enumerate(segments))
-
-
-def chat_messages(system, turns):
-    messages = [{"role": "system", "content": system}] if system else []
-    for user, answer in turns:
-        messages.append({"role": "user", "content": user})
-        if answer is not None:
-            messages.append({"role": "assistant", "content": answer})
-    return messages
 
 
 def every_template(tokenizer, tmp_path):

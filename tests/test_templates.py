@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from conftest import chat_messages
 from utils.data import encode_dialogs, encode_prompt
 from utils.errors import UserError
 from utils.templates import builtin_names, fill, from_chat_template, load_template
@@ -15,23 +16,14 @@ LLAMA3_JINJA = (
 )
 
 
-def chat(system, turns):
-    msgs = [{"role": "system", "content": system}] if system else []
-    for user, answer in turns:
-        msgs.append({"role": "user", "content": user})
-        if answer is not None:
-            msgs.append({"role": "assistant", "content": answer})
-    return msgs
-
-
 @pytest.mark.parametrize("system", [None, "You are terse."])
 def test_auto_template_equals_chat_template(tokenizer, system):
     template = load_template("auto", tokenizer)
     assert template.stop_strings == ["<|im_end|>"]
     turns = [("Hi {there}", "Hello!"), ("Who are you?", "Lumi."), ("你好", None)]
-    expected = tokenizer.apply_chat_template(chat(system, turns), tokenize=False, add_generation_prompt=True)
+    expected = tokenizer.apply_chat_template(chat_messages(system, turns), tokenize=False, add_generation_prompt=True)
     assert "".join(template.render(system, turns)) == expected
-    full = tokenizer.apply_chat_template(chat(system, turns[:2]), tokenize=False)
+    full = tokenizer.apply_chat_template(chat_messages(system, turns[:2]), tokenize=False)
     segments = template.render(system, turns[:2])
     assert full.startswith("".join(segments)) and segments[1] == "Hello!<|im_end|>"
 
@@ -43,7 +35,7 @@ def test_derives_other_chat_template_families(tokenizer):
     template = from_chat_template(tok)
     assert template.assistant_format == "{content}<|eot_id|>"
     turns = [("a", "b"), ("c", None)]
-    expected = tok.apply_chat_template(chat("sys", turns), tokenize=False, add_generation_prompt=True)
+    expected = tok.apply_chat_template(chat_messages("sys", turns), tokenize=False, add_generation_prompt=True)
     assert "".join(template.render("sys", turns)) == expected
 
 

@@ -79,7 +79,6 @@ def engine(args):
     args.device  # noqa: B018
     if getattr(args, "deepspeed", None):
         import deepspeed
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
         # accelerate hands the process group to DeepSpeed on GPUs only; on CPUs (gloo) it is done here
         deepspeed.init_distributed(dist_backend="gloo" if args.use_cpu else None, auto_mpi_discovery=False)
@@ -87,10 +86,7 @@ def engine(args):
         warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)`",
                                 FutureWarning)
 
-        if is_deepspeed_zero3_enabled():
-            return "zero3"
-        config = json.loads(Path(args.deepspeed).read_text(encoding="utf-8"))
-        return f"zero{config.get('zero_optimization', {}).get('stage', 0)}"
+        return f"zero{args.hf_deepspeed_config.get_value('zero_optimization.stage', 0)}"
     if launched_fsdp_version() and args.use_cpu and args.world_size > 1:
         # accelerate turns FSDP on for GPU-type process groups only: a group of CPU processes (gloo; tests, CI)
         # is marked as one for its FSDP integration to run, the device staying the CPU (set above). `started`

@@ -29,7 +29,8 @@ import numpy as np
 
 from utils.data import IGNORE, Collator, Encoder, _truncate
 from utils.errors import UserError
-from utils.records import SFT_SUFFIXES, data_files, history_pairs, json_records, parse_messages, to_dialog
+from utils.records import (SFT_SUFFIXES, data_files, history_pairs, json_records, parse_messages, string_field,
+                           to_dialog)
 
 BATCH = 512  # items encoded at a time by encode_stream
 LAYOUTS = 'a prompt ("conversations", "messages", "prompt" or "instruction") with a "chosen" and a "rejected" answer'
@@ -70,13 +71,7 @@ def _layout_error(rec, where, unpaired=False):
 
 
 def _text(rec, key, where, required=False):
-    value = rec.get(key)
-    if value is None and not required:
-        return ""
-    if not isinstance(value, str):
-        problem = "is missing" if value is None else f"is a {type(value).__name__}, not a string"
-        raise UserError(f'{where}: "{key}" {problem}; give it as a string (data/README.md shows each layout).')
-    return value
+    return string_field(rec, key, where, required, "give it as a string (data/README.md shows each layout)")
 
 
 def _answer(rec, key, where):

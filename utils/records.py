@@ -214,14 +214,17 @@ def json_records(file, progress=None):
                         "wrap the records in [ ... ].")
 
 
-def _string(rec, key, where, required=True):
+SFT_STRINGS = 'every record needs "instruction" and "output" strings ("input", "system" and "history" are optional)'
+
+
+def string_field(rec, key, where, required=True, fix=SFT_STRINGS):
+    """rec[key] as a string ("" when absent and not `required`), or a UserError naming the record and `fix`."""
     value = rec.get(key)
     if value is None and not required:
         return ""
     if not isinstance(value, str):
         problem = "is missing" if value is None else f"is a {type(value).__name__}, not a string"
-        raise UserError(f'{where}: "{key}" {problem}; every record needs "instruction" and "output" strings '
-                        '("input", "system" and "history" are optional).')
+        raise UserError(f'{where}: "{key}" {problem}; {fix}.')
     return value
 
 
@@ -276,10 +279,10 @@ def to_dialog(rec, where):
                         f'{{"instruction": ..., "input": ..., "output": ...}}.')
     if "messages" in rec or "conversations" in rec:
         return (*_chat(rec, where), "")
-    instruction = _string(rec, "instruction", where)
-    input_text = _string(rec, "input", where, required=False)
-    output = _string(rec, "output", where)
-    system = _string(rec, "system", where, required=False)
+    instruction = string_field(rec, "instruction", where)
+    input_text = string_field(rec, "input", where, required=False)
+    output = string_field(rec, "output", where)
+    system = string_field(rec, "system", where, required=False)
     if not output.strip():
         raise UserError(f'{where}: "output" is empty; give every record a non-empty "output", or remove the record.')
     return system, history_pairs(rec, where) + [(instruction, output)], input_text
