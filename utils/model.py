@@ -349,7 +349,7 @@ def load_model(path, dtype, bits=16, device_map=None, local_files_only=False, at
         return AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, quantization_config=qconfig, device_map=device_map,
             local_files_only=local_files_only, trust_remote_code=trust_remote_code, **own_attention,
-            **({"max_memory": max_memory} if max_memory else {}),
+            max_memory=max_memory,
         )
 
 
