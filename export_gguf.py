@@ -1,14 +1,16 @@
-"""Export an HF LLaMA-architecture folder (a merged model, or the built-in one) to GGUF for llama.cpp and Ollama.
+"""Export an HF LLaMA-family folder (llama, mistral, qwen2: a merged model, or the built-in one) to GGUF for llama.cpp
+and Ollama, or a LoRA adapter to a GGUF LoRA file that llama.cpp applies over its base's GGUF.
 
     python export_gguf.py                                               # built-in model, f16
     python export_gguf.py --model_path=models/merged --outtype=q8_0     # merge_lora.py's output
     python export_gguf.py --model_path=models/merged --outtype=q4_k_m   # a k-quant, with a quality line
     python export_gguf.py --model_path=models/merged --modelfile        # plus an Ollama Modelfile
+    python export_gguf.py --lora_model=output/                          # the adapter alone: output-lora-f16.gguf
 
-Then: `llama-cli -m models/merged-f16.gguf -cnv --jinja`, or `ollama create mymodel -f models/Modelfile`.
+Then: `llama-cli -m models/merged-f16.gguf -cnv --jinja`, or `ollama create mymodel -f models/Modelfile`, or with
+the adapter: `llama-cli -m models/smollm2-135m-instruct-f16.gguf --lora models/output-lora-f16.gguf -cnv --jinja`.
 The file's chat template and the Modelfile's TEMPLATE are the prompt format the model was tuned with (the
 run_config.json beside a merged folder), so llama.cpp and Ollama prompt it as training did.
-An adapter folder must be merged first (merge_lora.py): GGUF holds one set of plain weights.
 """
 import importlib.util
 import os
@@ -26,6 +28,7 @@ WARN_RISE = 0.10  # a perplexity rise over f16 above this is reported as a quali
 
 def main(
     model_path: str = None,
+    lora_model: str = None,
     outtype: str = "f16",
     output: str = None,
     template: str = "auto",
@@ -33,11 +36,13 @@ def main(
     local_files_only: bool = False,
     trust_remote_code: bool = False,
 ):
-    """Write one GGUF file from an HF LLaMA folder.
+    """Write one GGUF file from an HF LLaMA-family folder (llama, mistral, qwen2), or from a LoRA adapter.
 
     Args:
-        model_path: an HF LLaMA folder with safetensors weights (e.g. merge_lora.py's output) or hub id; default the
-            built-in model.
+        model_path: an HF folder with safetensors weights (e.g. merge_lora.py's output) or hub id; default the
+            built-in model. With --lora_model: the base the adapter goes over (default: the one it was trained on).
+        lora_model: a LoRA adapter folder (finetune.py's output or a checkpoint-N in it) to write as a GGUF LoRA file
+            (f32, f16, bf16 or q8_0), which llama.cpp loads over the base model's GGUF (`--lora`).
         outtype: f32, f16, bf16 or q8_0 (norms stay f32), or a llama.cpp quantization: q4_k_m, q5_k_m, q6_k, q4_0
             (these need llama-cpp-python; the f16 file is quantized, and llama.cpp's perplexity on a held text is
             printed for both).
@@ -50,19 +55,23 @@ def main(
         local_files_only: never download a model from the hub.
         trust_remote_code: run the Python code the model ships (to read its config and tokenizer).
     """
-    from utils.gguf_export import OUTTYPES, QUANTS, TYPES, model_names, weight_files, write_gguf
+    from utils.gguf_export import OUTTYPES, QUANTS, TYPES, architecture, model_names, weight_files, write_gguf
     from utils.model import check_remote_code, download_model_folder, load_config, load_tokenizer, resolve_model_path
     from utils.run_folder import BUILTIN, RUN_CONFIG, read_json
     from utils.templates import check_template
 
     c = Checks()
     model_path, output = c.text("model_path", model_path), c.text("output", output)
+    lora_model = c.text("lora_model", lora_model)
     template = c.text("template", template) or "auto"
     modelfile, local_files_only = c.boolean("modelfile", modelfile), c.boolean("local_files_only", local_files_only)
     trust_remote_code = c.boolean("trust_remote_code", trust_remote_code)
     outtype = str(outtype).lower()
     if outtype not in OUTTYPES:
         c.add(f"--outtype={outtype!r} is not one of {', '.join(OUTTYPES)}; pass one of them")
+    elif outtype in QUANTS and lora_model:
+        c.add(f"--outtype={outtype} quantizes a whole model; a GGUF LoRA file is f32, f16, bf16 or q8_0, so pass one "
+              "of them (and quantize the base model's file)")
     elif outtype in QUANTS and importlib.util.find_spec("llama_cpp") is None:
         c.add(f"--outtype={outtype} quantizes with llama-cpp-python, which is not installed; "
               "pip install -r requirements-dev.txt, or pass --outtype=f16")
@@ -74,14 +83,20 @@ def main(
     c.add(output_problem(target if into_folder else target.parent, "output") if target is not None else None)
     if model_path and (Path(model_path).expanduser() / "adapter_config.json").is_file():
         c.add(f"{model_path} is a LoRA adapter folder; merge it first (python merge_lora.py --lora_model={model_path}) "
-              "and export the merged folder")
+              f"and export the merged folder, or pass --lora_model={model_path} for a GGUF LoRA file")
+    if lora_model and modelfile:
+        c.add("--modelfile goes with a model's GGUF; export the base model with --modelfile and add the line "
+              "`ADAPTER <the LoRA file>` to that Modelfile")
     c.done()
+    if lora_model:
+        return export_lora(lora_model, model_path, outtype, target, into_folder, local_files_only, trust_remote_code)
     folder = Path(download_model_folder(resolve_model_path(model_path or BUILTIN, local_files_only, "model_path")))
     path = (target if target is not None and not into_folder
             else (target or ROOT / "models") / f"{folder.name}-{outtype}.gguf")
     weight_files(folder)
     check_remote_code(folder, trust_remote_code)
     config = load_config(folder, local_files_only, trust_remote_code)
+    architecture(folder, config)
     tokenizer = load_tokenizer(folder, local_files_only, trust_remote_code)
     run_config = read_json(folder / RUN_CONFIG, "restore it, or merge again") if (folder / RUN_CONFIG).is_file() else {}
     run_config = run_config if isinstance(run_config, dict) else {}
@@ -122,6 +137,33 @@ def main(
         write_text_atomic(written[-1], text, "output")
     print(f"{count} tensors, {path.stat().st_size / 2**20:.1f} MiB in {seconds:.1f} s")
     print(f"Wrote {', '.join(str(p) for p in written)}")
+
+
+def export_lora(lora_model, base_model, outtype, target, into_folder, local_files_only, trust_remote_code):
+    """The adapter as a GGUF LoRA file, named <run folder>-lora-<outtype>.gguf unless --output names the file."""
+    from utils.gguf_export import architecture
+    from utils.gguf_lora import lora_tensors, write_lora_gguf
+    from utils.model import check_remote_code, download_model_folder, load_config, resolve_model_path
+    from utils.run_folder import adapter_base, find_adapter, read_run_config
+
+    adapter = find_adapter(lora_model)
+    run_config = read_run_config(adapter) or {}
+    base = base_model or adapter_base(adapter, run_config)
+    folder = Path(download_model_folder(resolve_model_path(base, local_files_only, "model_path")))
+    check_remote_code(folder, trust_remote_code)
+    config = load_config(folder, local_files_only, trust_remote_code)
+    arch = architecture(folder, config)
+    alpha, tensors = lora_tensors(adapter, config, arch)
+    run = adapter.parent if adapter.name == "adapter_model" else adapter
+    path = (target if target is not None and not into_folder
+            else (target or ROOT / "models") / f"{run.name}-lora-{outtype}.gguf")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"Exporting the LoRA adapter {adapter} (base {base}) to {path} ({outtype})")
+    with atomic_path(path, "output") as tmp:
+        count = write_lora_gguf(tmp, outtype, arch, alpha, tensors, run.name)
+    print(f"{count} tensors, {path.stat().st_size / 2**20:.1f} MiB; llama.cpp applies it over the base model's GGUF: "
+          f"llama-cli -m <base>.gguf --lora {path}")
+    print(f"Wrote {path}")
 
 
 def chat_format(name, tokenizer, run_config, modelfile):

@@ -4,6 +4,7 @@
     python finetune.py --base_model=path/to/llama --data_path=my.json --output_dir=output/
     python finetune.py --use_4bit                                    # QLoRA (memory first: see README)
     python finetune.py --stage=pt --data_path=data/pt_demo.txt      # continued pretraining
+    python finetune.py --stage=dpo --lora_model=output/ --output_dir=dpo/  # preference pairs after SFT (README)
     torchrun --nproc_per_node=2 finetune.py ... [--deepspeed=zero3]  # several devices (sharded: README)
     python finetune.py --dry_run                                     # only check and summarise the data
 
@@ -16,14 +17,15 @@ import time
 from pathlib import Path
 
 from utils.data import Collator, Encoder, split_validation, summary
+from utils.preference import PREF_DEMO, Pairs, PreferenceEncoder, pair_summary, preference_flags
 from utils.distributed import adapter_in_checkpoints, deepspeed_config, engine, sharding_problem, started
 from utils.errors import is_main_process, run_cli
 from utils.files import output_problem
-from utils.flags import OPTIMIZERS, SCHEDULERS, Checks, recorded_flags, report_to_list
+from utils.flags import OPTIMIZERS, SCHEDULERS, Checks, report_to_list
 from utils.records import PT_SUFFIXES, SFT_SUFFIXES, data_files
 from utils.report import end_of_run_report, read_probes
-from utils.templates import load_template
-from utils.run_folder import BUILTIN, cleaned_up_on_write_errors, resume_point, save_run
+from utils.templates import resolve_template
+from utils.run_folder import BUILTIN, cleaned_up_on_write_errors, continued_run, resume_point, run_config, save_run
 from utils.model import check_remote_code, load_tokenizer, pick_device, pick_dtype, resolve_model_path, ships_code
 from utils.token_store import tokenized
 
@@ -33,12 +35,12 @@ ALIASES = {"load_8bit": "use_8bit", "load_4bit": "use_4bit", "dtype": "precision
 
 def main(
     # model
-    base_model: str = BUILTIN, local_files_only: bool = False, trust_remote_code: bool = False,
+    base_model: str = BUILTIN, lora_model: str = None, local_files_only: bool = False, trust_remote_code: bool = False,
     # data
     data_path: str = str(DEMO_DATA), output_dir: str = "output", stage: str = "sft", template: str = "auto",
     cutoff_len: int = 512, block_size: int = 512, val_set_size: float = 0, val_data_path: str = None,
     train_on_inputs: bool = False, max_samples: int = None, dry_run: bool = False, data_cache: bool = True,
-    preprocessing_num_workers: int = None,
+    preprocessing_num_workers: int = None, pref_loss: str = "dpo", pref_beta: float = 0.1, simpo_gamma: float = 0.5,
     # LoRA
     lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0, lora_target_modules="auto", modules_to_save=None,
     # quantization and precision
@@ -55,11 +57,12 @@ def main(
 
     Args:
         base_model: hub id, local HF model folder, or "builtin:smollm2" (the built-in SmolLM2-135M-Instruct).
+        lora_model: an adapter folder (a finetune.py output) to train further, with its own LoRA settings and base.
         local_files_only: never contact the model hub.
         trust_remote_code: run the Python code a model ships (Baichuan, InternLM, ...); recorded for later stages.
         data_path: JSON/JSONL files, folders or globs of them, joined by commas (data/README.md); .txt for pt.
         output_dir: where the adapter, tokenizer, run_config.json, loss.png and checkpoints go.
-        stage: "sft" for instruction tuning, "pt" for continued pretraining on raw text.
+        stage: "sft" for instruction tuning, "pt" for continued pretraining on raw text, "dpo" for preference pairs.
         template: auto (the tokenizer's chat template, else alpaca), prompt, alpaca, chatml, llama3, vicuna, a .json.
         cutoff_len: maximum tokens per sft example; longer ones lose their oldest context, never their answer's EOS.
         block_size: tokens per block for --stage pt.
@@ -103,6 +106,9 @@ def main(
         optim: the optimizer: adamw_torch, adamw_torch_fused, adamw_8bit, paged_adamw_8bit, adafactor, sgd.
         max_grad_norm: clip the gradients' global norm to this (0: no clipping).
         deepspeed: a DeepSpeed config: zero2, zero3, zero3_offload (configs/deepspeed/) or a .json (README).
+        pref_loss: --stage dpo's loss: dpo, ipo, orpo, simpo (no reference model), kto (unpaired, labelled answers).
+        pref_beta: the preference loss's beta (orpo: the weight of its odds-ratio term).
+        simpo_gamma: SimPO's target reward margin.
     """
     flags = dict(locals())  # recorded in run_config.json, for --config
     # --- check the arguments, all at once ---------------------------------------------------------
@@ -111,11 +117,11 @@ def main(
     template, val_data_path = c.text("template", template), c.text("val_data_path", val_data_path)
     data_path = data_path if isinstance(data_path, (list, tuple)) else c.text("data_path", data_path, True)
     (local_files_only, train_on_inputs, dry_run, data_cache, use_8bit, use_4bit, packing, overwrite_output_dir,
-     trust_remote_code) = (c.boolean(n, v) for n, v in (
-            ("local_files_only", local_files_only), ("train_on_inputs", train_on_inputs), ("dry_run", dry_run),
-            ("data_cache", data_cache), ("use_8bit", use_8bit), ("use_4bit", use_4bit), ("packing", packing),
-            ("overwrite_output_dir", overwrite_output_dir), ("trust_remote_code", trust_remote_code)))
-    stage = c.choice("stage", stage, ("sft", "pt"))
+     trust_remote_code) = (c.boolean(n, flags[n]) for n in (
+        "local_files_only", "train_on_inputs", "dry_run", "data_cache", "use_8bit", "use_4bit", "packing",
+        "overwrite_output_dir", "trust_remote_code"))
+    stage, pref_loss, pref_beta, simpo_gamma, adapter = preference_flags(
+        c, stage, pref_loss, pref_beta, simpo_gamma, lora_model, (data_path, val_data_path))
     precision = c.choice("precision", precision, ("auto", "bf16", "fp16", "fp32"))
     lr_scheduler_type = c.choice("lr_scheduler_type", lr_scheduler_type, SCHEDULERS)
     cutoff_len, block_size = c.integer("cutoff_len", cutoff_len, 1), c.integer("block_size", block_size, 2)
@@ -144,6 +150,7 @@ def main(
     resume, skipped, problem = resume_point(output_dir, resume_from_checkpoint, overwrite_output_dir, dry_run)
     c.add(problem)
     report, probes = c.boolean("report", report), c.call(read_probes, probe_prompts, data_path == str(DEMO_DATA))
+    data_path = flags["data_path"] = str(PREF_DEMO) if stage == "dpo" and data_path == str(DEMO_DATA) else data_path
     report_to = c.call(report_to_list, report_to, default=[])
     optim, max_grad_norm = c.choice("optim", optim, OPTIMIZERS), c.number("max_grad_norm", max_grad_norm, 0)
     c.add(sharding_problem(deepspeed := c.call(deepspeed_config, deepspeed), bits))
@@ -152,26 +159,26 @@ def main(
 
     # --- data: validated and tokenized before any model loads -------------------------------------
     t0 = time.time()
-    suffixes = SFT_SUFFIXES if stage == "sft" else PT_SUFFIXES
-    files = data_files(data_path, suffixes, "data_path")
+    files = data_files(data_path, suffixes := PT_SUFFIXES if stage == "pt" else SFT_SUFFIXES, "data_path")
     val_files = data_files(val_data_path, suffixes, "val_data_path") if val_data_path else []
+    base_model, sft_run = continued_run(adapter, base_model)  # a continued adapter keeps its base and template
     model_path = resolve_model_path(base_model, local_files_only)
     check_remote_code(model_path, trust_remote_code)
     tokenizer = load_tokenizer(model_path, local_files_only, trust_remote_code)
-    tmpl = load_template(template, tokenizer)  # pt trains without it, but chat after pt uses it
-    encoder = Encoder(tokenizer, stage, tmpl, cutoff_len, train_on_inputs, block_size)
-    settings = {"stage": stage, "template": tmpl.to_dict(), "cutoff_len": cutoff_len, "block_size": block_size,
-                "train_on_inputs": train_on_inputs}
-    workers = preprocessing_num_workers
-    data = tokenized(files, encoder, settings, data_cache, workers, max_samples, "data_path")
-    val = tokenized(val_files, encoder, settings, data_cache, workers, None, "val_data_path") if val_files else None
+    tmpl = resolve_template(template, tokenizer, sft_run)  # pt trains without it, but chat after pt uses it
+    encoder = (PreferenceEncoder(tokenizer, tmpl, cutoff_len, pref_loss == "kto") if stage == "dpo"
+               else Encoder(tokenizer, stage, tmpl, cutoff_len, train_on_inputs, block_size))
+    settings = {"stage": encoder.stage, "template": tmpl.to_dict(), "cutoff_len": cutoff_len,
+                "block_size": block_size, "train_on_inputs": train_on_inputs}
+    cpus, view = preprocessing_num_workers, Pairs if encoder.stage == "dpo" else (lambda store: store)  # kto: as is
+    data = view(tokenized(files, encoder, settings, data_cache, cpus, max_samples, "data_path"))
+    val = view(tokenized(val_files, encoder, settings, data_cache, cpus, None, "val_data_path")) if val_files else None
     train_index, held = split_validation(len(data), val_set_size, seed)
     train, val = data.subset(train_index), val if val is not None else data.subset(held) if len(held) else None
     say(f"template: {tmpl.name}   stage: {stage}   data: {data_path}   processes: {os.environ.get('WORLD_SIZE', 1)}")
-    say(summary(data, data.stats, tokenizer))
-    origin = [f"train {data.origin()}"] + ([f"validation {val.origin()}"] if val_files else [])
-    say(f"train examples: {len(train):,}, validation examples: {len(val or ()):,}   "
-        f"(tokenized data: {'; '.join(origin)}; {time.time() - t0:.1f} s in all)")
+    say((pair_summary if isinstance(data, Pairs) else summary)(data, data.stats, tokenizer))
+    say(f"train examples: {len(train):,}, validation examples: {len(val or ()):,}   (tokenized data: train "
+        f"{data.origin()}{f'; validation {val.origin()}' if val_files else ''}; {time.time() - t0:.1f} s in all)")
     if dry_run:
         return say("dry run: data is valid; no model was loaded and nothing was written.")
 
@@ -180,6 +187,7 @@ def main(
     from transformers import Trainer, TrainingArguments, set_seed
 
     from utils.fast import causal_lm_loss
+    from utils.preference_training import check_engine, preference_trainer
     from utils.train import auto_epochs, lora_for_training, run_loss_callback, throughput_callback
 
     set_seed(seed)
@@ -188,32 +196,34 @@ def main(
         packing = say("packing off: the model's own code does not keep packed examples apart") or False
     num_epochs = auto_epochs(len(train), per_device_train_batch_size * gradient_accumulation_steps, num_epochs)
     args = TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=per_device_train_batch_size,
+        output_dir=str(out), per_device_train_batch_size=per_device_train_batch_size, optim=optim, seed=seed,
         per_device_eval_batch_size=per_device_train_batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
-        num_train_epochs=num_epochs, max_steps=max_steps, learning_rate=learning_rate, optim=optim,
-        lr_scheduler_type=lr_scheduler_type, warmup_steps=warmup_ratio, weight_decay=weight_decay,
-        max_grad_norm=max_grad_norm, deepspeed=deepspeed, logging_steps=logging_steps, logging_first_step=True,
-        save_steps=save_steps, save_total_limit=save_total_limit, eval_strategy="steps" if val is not None else "no",
+        num_train_epochs=num_epochs, max_steps=max_steps, learning_rate=learning_rate, weight_decay=weight_decay,
+        lr_scheduler_type=lr_scheduler_type, warmup_steps=warmup_ratio, max_grad_norm=max_grad_norm, data_seed=seed,
+        deepspeed=deepspeed, logging_steps=logging_steps, logging_first_step=True, save_steps=save_steps,
+        save_total_limit=save_total_limit, eval_strategy="steps" if val is not None else "no", use_cpu=device == "cpu",
         eval_steps=eval_steps or save_steps, activation_checkpointing_kwargs={"use_reentrant": False},
-        fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16, report_to=report_to or "none", seed=seed,
-        data_seed=seed, remove_unused_columns=False, use_cpu=device == "cpu", ddp_find_unused_parameters=False,
-        include_num_input_tokens_seen="all" if packing else "non_padding",  # a packed row has no padding
-    )
-    sharding = engine(args)  # zero3 and fsdp2 shard the weights: the fast path steps aside where it reads them
+        fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16, report_to=report_to or "none",
+        remove_unused_columns=False, ddp_find_unused_parameters=False,
+        include_num_input_tokens_seen="all" if packing else "non_padding")  # a packed row has no padding
+    sharding = check_engine(stage, engine(args))  # zero3, fsdp2 shard the weights: the fast path steps aside there
     lora = dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=targets, modules_to_save=to_save)
-    length = cutoff_len if stage == "sft" else block_size
+    length = block_size if stage == "pt" else cutoff_len * (1 + (stage == "dpo"))  # dpo: a pair's row
     model, head, gradient_checkpointing, banner = lora_for_training(
         model_path, dtype, bits, device, lora, gradient_checkpointing, per_device_train_batch_size * length, length,
-        local_files_only, trust_remote_code, sharding)
+        local_files_only, trust_remote_code, sharding, adapter)
     args.activation_checkpointing = args.gradient_checkpointing = gradient_checkpointing
     say(f"{banner}   model: {base_model}   epochs: {num_epochs}{' (auto)' if flags['num_epochs'] == 'auto' else ''}")
 
     # --- train ------------------------------------------------------------------------------------
-    speed, run_loss = throughput_callback(), run_loss_callback()
-    loss = functools.partial(causal_lm_loss, head=head, workspace=None if bits < 16 else {})
-    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val, compute_loss_func=loss,
-                      data_collator=Collator(tokenizer.pad_token_id, packing),
-                      callbacks=[speed, run_loss, adapter_in_checkpoints(model, sharding)])
+    hooks = [speed := throughput_callback(), run_loss := run_loss_callback(), adapter_in_checkpoints(model, sharding)]
+    if stage == "dpo":  # with its reference log-probs, computed now: before a checkpoint loads (README)
+        trainer = preference_trainer((pref_loss, pref_beta, simpo_gamma, adapter), model, args, train, val,
+                                     tokenizer.pad_token_id, packing, head, hooks)
+    else:
+        loss = functools.partial(causal_lm_loss, head=head, workspace=None if bits < 16 else {})
+        trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val, compute_loss_func=loss,
+                          data_collator=Collator(tokenizer.pad_token_id, packing), callbacks=hooks)
     started(trainer, sharding)
     if skipped:
         say(f"resuming from {resume.name}; passed over {', '.join(p.name for p in skipped)}, "
@@ -224,21 +234,11 @@ def main(
     eval_loss = trainer.evaluate()["eval_loss"] if val is not None else None
 
     # --- save: adapter, tokenizer, run config, loss plot; the report (rank 0 only) ----------------
-    save_run(out, model, tokenizer, {  # every rank: under ZeRO-3 and FSDP2 all of them gather the LoRA weights
-        "base_model": base_model, "base_model_path": model_path, "stage": stage, "template": tmpl.to_dict(),
-        "cutoff_len": cutoff_len, "block_size": block_size if stage == "pt" else None,
-        "train_on_inputs": train_on_inputs, "bits": bits, "dtype": str(dtype).replace("torch.", ""),
-        "trust_remote_code": trust_remote_code, "lora": lora, "flags": recorded_flags(flags),
-        "data": {"path": str(data_path), **data.stats, "max_samples": max_samples, "train_examples": len(train),
-                 "validation_examples": len(val or ()), "tokens_min": int(data.lengths().min()),
-                 "tokens_max": int(data.lengths().max()), "train_tokens": int(train.lengths().sum())},
-        "training": {"learning_rate": learning_rate, "epochs": num_epochs, "steps": result.global_step,
-                     "seed": seed, "per_device_train_batch_size": per_device_train_batch_size,
-                     "gradient_accumulation_steps": gradient_accumulation_steps,
-                     "train_loss": train_loss if math.isfinite(train_loss) else None,
-                     "tokens_per_second": speed.tokens_per_second,
-                     "activation_checkpointing": gradient_checkpointing, "engine": sharding},
-    }, trainer.state.log_history, sharding)
+    save_run(out, model, tokenizer, run_config(  # every rank: under ZeRO-3 and FSDP2 all gather the LoRA weights
+        base_model, model_path, {**settings, "stage": stage}, flags, bits, dtype, trust_remote_code, lora, data, train,
+        val, args, {"epochs": num_epochs, "steps": result.global_step, "engine": sharding, "tokens_per_second":
+                    speed.tokens_per_second, "train_loss": train_loss if math.isfinite(train_loss) else None},
+        getattr(trainer, "pref", None)), trainer.state.log_history, sharding)
     if trainer.is_world_process_zero():
         say(f"wrote the adapter, tokenizer, run_config.json and loss.png to {out}/ in {time.time() - t0:.0f} s "
             f"({result.global_step} steps, train loss {train_loss:.3f}, {speed.tokens_per_second or 0:.0f} tokens/s)")

@@ -25,7 +25,7 @@ def main(output_dir: str = "/tmp/lora-kit-gguf-bench", types: str = "f32,f16,bf1
          tokens: int = 16, model_path: str = None):
     """Args:
         output_dir: where the GGUF files go. types: the export types to compare. tokens: greedy tokens per prompt.
-        model_path: an HF LLaMA folder (e.g. merge_lora.py's output); default the built-in model.
+        model_path: an HF llama/mistral/qwen2 folder (e.g. merge_lora.py's output); default the built-in model.
     """
     import export_gguf
     from test_gguf import PROMPTS
@@ -38,8 +38,10 @@ def main(output_dir: str = "/tmp/lora-kit-gguf-bench", types: str = "f32,f16,bf1
     model = load_model(folder, torch.float32).eval()
     prompts = [tokenizer(p).input_ids for p in PROMPTS]
     with torch.no_grad():
-        expected = [model.generate(torch.tensor([ids]), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                                   eos_token_id=None, pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+        # the mask is given: generate() would otherwise mask the prompt's pad tokens (SmolLM2 pads with <|im_end|>)
+        expected = [model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                   max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, eos_token_id=None,
+                                   pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
                     for ids in prompts]
     held = export_gguf.HELD_TEXT.read_text(encoding="utf-8")
     out = Path(output_dir)

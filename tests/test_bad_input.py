@@ -304,7 +304,18 @@ FINETUNE = [
     row("finetune-cutoff-0", ft("--cutoff_len=0"), r"--cutoff_len must be at least 1"),
     row("finetune-batch-0", ft("--per_device_train_batch_size=0"), r"--per_device_train_batch_size must be at least 1"),
     row("finetune-max-samples-0", ft("--max_samples=0"), r"--max_samples must be at least 1"),
-    row("finetune-stage-bogus", ft("--stage=rlhf"), r"--stage must be one of sft, pt, got 'rlhf'"),
+    row("finetune-stage-bogus", ft("--stage=rlhf"), r"--stage must be one of sft, pt, dpo, got 'rlhf'"),
+    row("finetune-pref-loss-bogus", ft("--stage=dpo", "--pref_loss=foo"),
+        r"--pref_loss must be one of dpo, ipo, orpo, simpo, kto, got 'foo'"),
+    row("finetune-pref-loss-typo", ft("--stage=dpo", "--pref_loss=simp"), r"got 'simp' \(did you mean simpo\?\)"),
+    row("finetune-pref-beta-negative", ft("--stage=dpo", "--pref_beta=-1"), r"--pref_beta must be above 0, got -1"),
+    row("finetune-pref-beta-and-gamma", ft("--stage=dpo", "--pref_beta=0", "--simpo_gamma=abc"),
+        r"--pref_beta must be above 0, got 0; --simpo_gamma must be a number \(at least 0\), got 'abc'"),
+    row("finetune-pref-loss-without-dpo", ft("--pref_loss=kto"),
+        r"--pref_loss=kto: preference training flags, used only with --stage=dpo; add --stage=dpo"),
+    row("finetune-lora-model-missing", ft("--lora_model={tmp}/nowhere"), r"--lora_model=.*nowhere is not a folder"),
+    row("finetune-lora-model-without-adapter", ft("--lora_model={tmp}/empty"), r"empty holds no adapter_config.json",
+        setup=files({"empty/notes.txt": "x"})),
     row("finetune-precision", ft("--precision=fp8"), r"--precision must be one of auto, bf16, fp16, fp32"),
     row("finetune-older-name-bad-value", ft("--dtype=int4"),
         r"--precision must be one of auto, bf16, fp16, fp32, got 'int4'"),
@@ -380,6 +391,21 @@ FINETUNE = [
         setup=records('[{"instruction": "a", "output": "b", "history": [["one"]]}]')),
     row("finetune-pt-without-text", ft("--data_path={tmp}/bad.json", "--stage=pt"),
         r'record 1: needs a "text" string for --stage pt', setup=records('[{"instruction": "a", "output": "b"}]')),
+    row("finetune-dpo-text-file", ft("--stage=dpo", "--data_path={tmp}/pairs.txt"),
+        r"--data_path=.*pairs.txt is raw text; --stage=dpo reads preference pairs from .json or .jsonl",
+        setup=files({"pairs.txt": "some text"})),
+    row("finetune-dpo-sft-record", ft("--stage=dpo", "--data_path={tmp}/bad.json"),
+        r'bad.json: record 1: unknown preference layout \(keys: "instruction", "output"\)',
+        setup=records('[{"instruction": "a", "output": "b"}]')),
+    row("finetune-dpo-labelled-answer", ft("--stage=dpo", "--data_path={tmp}/bad.json"),
+        r'record 1: an unpaired answer with a "label" is for KTO; pass --pref_loss=kto',
+        setup=records('[{"instruction": "a", "output": "b", "label": true}]')),
+    row("finetune-dpo-same-answers", ft("--stage=dpo", "--data_path={tmp}/bad.json"),
+        r'record 1: "chosen" and "rejected" are the same answer',
+        setup=records('[{"instruction": "a", "chosen": "b", "rejected": "b "}]')),
+    row("finetune-kto-label-not-boolean", ft("--stage=dpo", "--pref_loss=kto", "--data_path={tmp}/bad.json"),
+        r'record 1: "label" is "yes", not true or false',
+        setup=records('[{"instruction": "a", "output": "b", "label": "yes"}]')),
     row("finetune-bad-validation-record", ft("--val_data_path={tmp}/val.json", "--data_cache=False"),
         r'val.json: record 1: "output" is missing', setup=records('[{"instruction": "a"}]', "val.json")),
     row("finetune-data-missing", ft("--data_path={tmp}/missing.json"),
@@ -726,6 +752,29 @@ def test_evaluate(setup, args, message, request, tmp_path, monkeypatch, capfd):
 # --- export_gguf.py -------------------------------------------------------------------------------------------------
 
 ex = with_defaults(["--model_path={tiny}", "--output={tmp}/exports/tiny.gguf"])
+
+
+def edited_model(**config):
+    """A copy of the tiny model at {tmp}/model, its config.json updated with `config`."""
+    def setup(tmp, places):
+        import json
+
+        shutil.copytree(places["tiny"], tmp / "model")
+        path = tmp / "model" / "config.json"
+        path.write_text(json.dumps(json.loads(path.read_text()) | config))
+    return setup
+
+
+def adapter_without_lora(tmp, places):
+    """A copy of the adapter at {tmp}/damaged whose (whole) weights file holds no lora_ tensor."""
+    import torch
+    from safetensors.torch import save_file
+
+    shutil.copytree(places["adapter"], tmp / "damaged")
+    weights = tmp / "damaged" / "adapter_model.safetensors"
+    save_file({"base_model.model.model.norm.weight": torch.ones(64)}, str(weights))
+
+
 EXPORT = [
     # 1
     row("export-typo", ex("--out_type=q8_0"), r"--out_type is not a flag of this script \(did you mean --outtype\?\)"),
@@ -738,6 +787,8 @@ EXPORT = [
     row("export-modelfile-maybe", ex("--modelfile=maybe"), r"--modelfile must be True or False"),
     row("export-local-maybe", ex("--local_files_only=maybe"), r"--local_files_only must be True or False"),
     row("export-trust-maybe", ex("--trust_remote_code=maybe"), r"--trust_remote_code must be True or False"),
+    row("export-lora-kquant", ex("--lora_model={adapter}", "--outtype=q4_k_m"),
+        r"--outtype=q4_k_m quantizes a whole model; a GGUF LoRA file is f32, f16, bf16 or q8_0"),
     # 4
     row("export-output-is-a-file", ex("--output={tmp}/exports"), r"--output=.*/exports is a file, not a folder",
         setup=files({"exports": "x"})),
@@ -759,6 +810,15 @@ EXPORT = [
         setup=copied_model(remove="model.safetensors")),
     row("export-model-without-config", ex("--model_path={tmp}/empty"), r"empty has no config.json; --model_path needs",
         setup=files({"empty/notes.txt": "x"})),
+    row("export-unsupported-architecture", ex("--model_path={tmp}/model"),
+        r"model/config.json has model_type 'phi3'; this exporter writes llama, mistral, qwen2 models only: use "
+        r"llama.cpp's convert_hf_to_gguf.py", setup=edited_model(model_type="phi3", architectures=["Phi3ForCausalLM"])),
+    row("export-lora-without-lora-weights", ex("--lora_model={tmp}/damaged"),
+        r"adapter_model.safetensors holds no lora_ weights \(an empty adapter\); pass a trained adapter folder",
+        setup=adapter_without_lora),
+    row("export-lora-truncated", ex("--lora_model={tmp}/damaged"),
+        r"adapter_model.safetensors is damaged or cut short \(.*\); train again",
+        setup=damaged_adapter("adapter_model.safetensors")),
     # 7 export takes no --base_model: its messages never name one
     row("export-model-path-missing", ex("--model_path=nowhere"),
         r"--model_path='nowhere' is not an existing folder .*--model_path=builtin"),

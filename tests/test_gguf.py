@@ -1,5 +1,6 @@
 """export_gguf.py: names, permutation and metadata against llama.cpp's own conversion; the fine-tuning template as the
-file's chat template; k-quants through llama.cpp's quantizer; greedy equality in llama.cpp."""
+file's chat template; k-quants through llama.cpp's quantizer; greedy equality in llama.cpp, for the built-in model and
+tiny llama, mistral and qwen2 models; a LoRA adapter as a GGUF LoRA file, equal to the merged model in llama.cpp."""
 import importlib.util
 import json
 import re
@@ -156,18 +157,19 @@ def test_bad_input(tmp_path, tiny_model_dir):
     assert not out.exists()
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
-    with pytest.raises(UserError, match="is a LoRA adapter folder; merge it first"):
+    with pytest.raises(UserError, match="is a LoRA adapter folder; merge it first .* or pass --lora_model="):
         export_gguf.main(model_path=str(tmp_path / "adapter"))
-    other = tmp_path / "gpt2ish"
+    other = tmp_path / "phi3ish"
     other.mkdir()
     config = json.loads((tiny_model_dir / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps(config | {"model_type": "mistral",
-                                                            "architectures": ["MistralForCausalLM"]}))
+    config |= {"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}
+    (other / "config.json").write_text(json.dumps(config))
     for f in ("tokenizer.json", "tokenizer_config.json", "model.safetensors"):
         (other / f).symlink_to(tiny_model_dir / f)
-    with pytest.raises(UserError, match="LLaMA-architecture models only"):
-        export_gguf.main(model_path=str(other), output=str(tmp_path / "x.gguf"))
-    assert not (tmp_path / "x.gguf").exists()
+    with pytest.raises(UserError, match=r"has model_type 'phi3'; this exporter writes llama, mistral, qwen2 models "
+                                        r"only: use llama.cpp's convert_hf_to_gguf.py for it"):
+        export_gguf.main(model_path=str(other), output=str(tmp_path / "new" / "x.gguf"))
+    assert not (tmp_path / "new").exists()  # refused before the output folder is made
 
 
 def test_bad_outtype_exits_2_with_one_sentence(tmp_path, tiny_model_dir):
@@ -296,7 +298,8 @@ def test_chat_template_no_template_can_be_derived_from(tmp_path, tiny_model_dir,
 
 @pytest.fixture(scope="module")
 def builtin_greedy(smollm2_dir):
-    """transformers' fp32 greedy continuation, 16 tokens, of each prompt (EOS does not stop it)."""
+    """transformers' fp32 greedy continuation, 16 tokens, of each prompt (EOS does not stop it). The attention mask
+    is given: generate() would otherwise mask every pad token in the prompt, and SmolLM2 pads with <|im_end|>."""
     from utils.model import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(smollm2_dir)
@@ -305,8 +308,9 @@ def builtin_greedy(smollm2_dir):
     outs = []
     with torch.no_grad():
         for ids in prompts:
-            out = model.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
-                                 eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=16, min_new_tokens=16, do_sample=False, eos_token_id=None,
+                                 pad_token_id=tokenizer.pad_token_id)
             outs.append(out[0, len(ids):].tolist())
     return prompts, outs
 
@@ -379,3 +383,209 @@ def test_sentencepiece_vocab_tokenizes_in_llama_cpp_as_sentencepiece(tmp_path, t
     llm = Llama(model_path=str(tmp_path / "spm.gguf"), vocab_only=True, verbose=False)
     for text in ["Hello world", "中国的首都是北京。", "quick 12345 ☃ fox", " leading space"]:
         assert llm.tokenize(text.encode(), add_bos=True) == [1] + sp.encode(text), text
+
+
+# ---- architectures: llama (with attention biases), mistral, qwen2 ----
+
+# greedy tokens equal to transformers', of 48 (measured: f32 and f16 48 for all three; q8_0 in the test's output)
+ARCH_FLOORS = {"f32": 46, "f16": 44, "q8_0": 24}
+
+
+def hf_greedy(folder, prompts, max_new_tokens=16):
+    """transformers' fp32 greedy continuation of each prompt (token ids), EOS not stopping it."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    outs = []
+    with torch.no_grad():
+        for ids in prompts:
+            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=None, pad_token_id=model.config.pad_token_id)
+            outs.append(out[0, len(ids):].tolist())
+    return outs
+
+
+@pytest.fixture(scope="module")
+def arch_models(tmp_path_factory, tokenizer):
+    """Tiny random llama (q/k/v/o biases on, so their permutation is checked), mistral and qwen2 (q/k/v biases)
+    models with SmolLM2's tokenizer. The biases (zero at first) are drawn large enough to move the logits: small
+    ones left near-tied tokens that f16 rounding flipped (llama: 39 of 48 in f16, 48 in f32)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    configs = {"llama": LlamaConfig(attention_bias=True, **common), "mistral": MistralConfig(head_dim=16, **common),
+               "qwen2": Qwen2Config(**common)}
+    folders = {}
+    for arch, config in configs.items():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(".bias"):
+                    param.normal_(0, 0.5)
+        folders[arch] = tmp_path_factory.mktemp(f"tiny-{arch}")
+        model.save_pretrained(folders[arch])
+        tokenizer.save_pretrained(folders[arch])
+    return folders
+
+
+@pytest.fixture(scope="module")
+def arch_greedy():
+    """transformers' greedy continuations per architecture, computed once."""
+    return {}
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_architecture_tensors_and_metadata(tmp_path, arch_models, arch):
+    """As llama.cpp loads each: mistral is its llama; biases under blk.N.attn_*.bias; q/k rows (bias included)
+    permuted for llama only, since qwen2's rope pairs the halves as HF does."""
+    from safetensors.torch import load_file
+
+    reader, fields = read(export(tmp_path, arch_models[arch], "f32"))
+    gguf_arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}[arch]
+    assert fields["general.architecture"] == gguf_arch and fields[f"{gguf_arch}.block_count"] == 2
+    assert fields[f"{gguf_arch}.attention.head_count_kv"] == 2 and fields[f"{gguf_arch}.rope.dimension_count"] == 16
+    biases = {t.name.split(".", 2)[2] for t in reader.tensors if t.name.endswith(".bias")}
+    assert biases == {"llama": {"attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_output.bias"}, "mistral": set(),
+                      "qwen2": {"attn_q.bias", "attn_k.bias", "attn_v.bias"}}[arch]
+    hf = {k: v.float().numpy() for k, v in load_file(str(arch_models[arch] / "model.safetensors")).items()}
+    got = {t.name: values(t) for t in reader.tensors}
+    q, k = got["blk.1.attn_q.weight"], got["blk.1.attn_k.weight"]
+    if gguf_arch == "llama":
+        q, k = unpermute(q, 4), unpermute(k, 2)
+    np.testing.assert_array_equal(q, hf["model.layers.1.self_attn.q_proj.weight"])
+    np.testing.assert_array_equal(k, hf["model.layers.1.self_attn.k_proj.weight"])
+    if biases:
+        bias = got["blk.0.attn_k.bias"][:, None]
+        np.testing.assert_array_equal(unpermute(bias, 2)[:, 0] if gguf_arch == "llama" else bias[:, 0],
+                                      hf["model.layers.0.self_attn.k_proj.bias"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                    reason="llama_cpp is not importable: pip install -r requirements-dev.txt")
+@pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_architecture_greedy_equals_transformers(tmp_path, arch_models, arch_greedy, tokenizer, arch, outtype):
+    """3 prompts x 16 greedy tokens in llama.cpp against transformers (fp32). Random tiny models have near-tied
+    logits, where f16 rounding may flip a late token; the floors in ARCH_FLOORS allow that much."""
+    from utils.gguf_export import llama_cpp_greedy
+
+    prompts = [tokenizer(p).input_ids for p in PROMPTS]
+    if arch not in arch_greedy:
+        arch_greedy[arch] = hf_greedy(arch_models[arch], prompts)
+    expected = arch_greedy[arch]
+    got, _ = llama_cpp_greedy(export(tmp_path, arch_models[arch], outtype), prompts, 16)
+    equal = sum(a == b for g, e in zip(got, expected) for a, b in zip(g, e))
+    agree = [next((i for i, (a, b) in enumerate(zip(g, e)) if a != b), 16) for g, e in zip(got, expected)]
+    print(f"\n{arch} {outtype}: {equal} of 48 greedy tokens equal to transformers'; before the first difference, "
+          f"per prompt: {agree}")
+    assert equal >= ARCH_FLOORS[outtype]
+
+
+# ---- a LoRA adapter as a GGUF LoRA file ----
+
+def random_lora(base, folder, rslora=False, **config):
+    """A PEFT LoRA (r=8, every linear layer of the decoder) on `base` with B drawn at random so it changes the
+    output, saved at folder/adapter, and the merged model (peft's merge_and_unload) at folder/merged."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    lora = LoraConfig(r=8, lora_alpha=16, use_rslora=rslora, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], **config)
+    torch.manual_seed(1)
+    peft_model = get_peft_model(model, lora)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    peft_model.save_pretrained(folder / "adapter")
+    peft_model.merge_and_unload().save_pretrained(folder / "merged")
+    AutoTokenizer.from_pretrained(base).save_pretrained(folder / "merged")
+    return folder / "adapter", folder / "merged"
+
+
+def test_lora_gguf_format(tmp_path, arch_models):
+    """What llama.cpp's adapter loader reads: general.type adapter, adapter.type lora, adapter.lora.alpha, the
+    base's architecture, <tensor>.lora_a (r x in) and .lora_b (out x r) per adapted weight, B's rows permuted
+    for llama's q and k (they are the rows of B·A)."""
+    from safetensors.torch import load_file
+
+    adapter, _ = random_lora(arch_models["llama"], tmp_path)
+    path = tmp_path / "lora.gguf"
+    export_gguf.main(lora_model=str(adapter), outtype="f32", output=str(path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "lora.gguf", "merged"]
+    reader, fields = read(path)
+    assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
+    assert fields["adapter.lora.alpha"] == 16.0 and fields["general.architecture"] == "llama"
+    per_layer = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
+    tensors = {t.name: values(t) for t in reader.tensors}
+    assert set(tensors) == {f"blk.{i}.{n}.weight.lora_{ab}" for i in range(2) for n in per_layer for ab in "ab"}
+    peft = {k: v.numpy() for k, v in load_file(str(adapter / "adapter_model.safetensors")).items()}
+    prefix = "base_model.model.model.layers.1.self_attn"
+    assert tensors["blk.1.attn_q.weight.lora_a"].shape == (8, 64) and tensors["blk.1.ffn_down.weight.lora_b"].shape \
+        == (64, 8)
+    np.testing.assert_array_equal(tensors["blk.1.attn_q.weight.lora_a"], peft[f"{prefix}.q_proj.lora_A.weight"])
+    np.testing.assert_array_equal(unpermute(tensors["blk.1.attn_k.weight.lora_b"], 2),
+                                  peft[f"{prefix}.k_proj.lora_B.weight"])
+    np.testing.assert_array_equal(tensors["blk.1.attn_v.weight.lora_b"], peft[f"{prefix}.v_proj.lora_B.weight"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                    reason="llama_cpp is not importable: pip install -r requirements-dev.txt")
+@pytest.mark.parametrize("arch, rslora", [("llama", False), ("qwen2", True)])
+def test_lora_gguf_over_base_equals_merged_gguf(tmp_path, arch_models, tokenizer, arch, rslora):
+    """llama.cpp with the LoRA file over the base's GGUF answers as the merged model's GGUF (f32, greedy, 3 x 16
+    tokens), and not as the base alone. rsLoRA's alpha / sqrt(r) is folded into B."""
+    from utils.gguf_export import llama_cpp_greedy
+
+    adapter, merged = random_lora(arch_models[arch], tmp_path, rslora=rslora)
+    base_gguf, merged_gguf, lora_gguf = tmp_path / "base.gguf", tmp_path / "merged.gguf", tmp_path / "lora.gguf"
+    export_gguf.main(model_path=str(arch_models[arch]), outtype="f32", output=str(base_gguf))
+    export_gguf.main(model_path=str(merged), outtype="f32", output=str(merged_gguf))
+    export_gguf.main(lora_model=str(adapter), outtype="f32", output=str(lora_gguf))
+    prompts = [tokenizer(p).input_ids for p in PROMPTS]
+    with_lora, _ = llama_cpp_greedy(base_gguf, prompts, 16, lora_path=str(lora_gguf))
+    as_merged, _ = llama_cpp_greedy(merged_gguf, prompts, 16)
+    base, _ = llama_cpp_greedy(base_gguf, prompts, 16)
+    print(f"\n{arch} LoRA{' (rsLoRA)' if rslora else ''} over the base GGUF: "
+          f"{sum(a == b for g, e in zip(with_lora, as_merged) for a, b in zip(g, e))} of 48 greedy tokens equal to "
+          f"the merged GGUF's; the base alone: {sum(a == b for g, e in zip(base, as_merged) for a, b in zip(g, e))}")
+    assert with_lora == as_merged and base != as_merged
+
+
+def test_lora_bad_input(tmp_path, arch_models, tiny_model_dir):
+    """One sentence, nothing written: no lora weights, full weights (modules_to_save), DoRA, a k-quant, a
+    Modelfile."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    adapter, _ = random_lora(arch_models["llama"], tmp_path / "run")
+    out = tmp_path / "out" / "x.gguf"
+    with pytest.raises(UserError, match=r"--outtype=q4_k_m quantizes a whole model; a GGUF LoRA file is f32, f16, "
+                                        r"bf16 or q8_0"):
+        export_gguf.main(lora_model=str(adapter), outtype="q4_k_m", output=str(out))
+    with pytest.raises(UserError, match="--modelfile goes with a model's GGUF"):
+        export_gguf.main(lora_model=str(adapter), modelfile=True, output=str(out))
+    empty = tmp_path / "empty"
+    shutil.copytree(adapter, empty)
+    save_file({"base_model.model.model.norm.weight": torch.ones(64)}, str(empty / "adapter_model.safetensors"))
+    with pytest.raises(UserError, match=r"adapter_model.safetensors holds no lora_ weights \(an empty adapter\); "
+                                        r"pass a trained adapter folder"):
+        export_gguf.main(lora_model=str(empty), output=str(out))
+    saved, _ = random_lora(tiny_model_dir, tmp_path / "saved", modules_to_save=["lm_head"])
+    with pytest.raises(UserError, match=r"holds full weights \(lm_head.weight: modules_to_save or a resized "
+                                        r"embedding\), which a GGUF LoRA file cannot carry; merge it"):
+        export_gguf.main(lora_model=str(saved), output=str(out))
+    dora, _ = random_lora(tiny_model_dir, tmp_path / "dora", use_dora=True)
+    with pytest.raises(UserError, match=r"has a DoRA magnitude \(.*layers.0.mlp.down_proj\), which llama.cpp cannot "
+                                        r"apply as a LoRA; merge it"):
+        export_gguf.main(lora_model=str(dora), output=str(out))
+    assert not (tmp_path / "out").exists()

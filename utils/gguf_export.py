@@ -1,10 +1,12 @@
-"""HF LLaMA folder -> one GGUF file that llama.cpp (and Ollama) load: tensors, hyperparameters, tokenizer.
+"""HF LLaMA-family folder -> one GGUF file that llama.cpp (and Ollama) load: tensors, hyperparameters, tokenizer.
 
-Written with the gguf package's GGUFWriter, following llama.cpp's conventions for the `llama` architecture:
-its tensor names, Q/K rows permuted from HF's rotate-half layout to llama.cpp's interleaved pairs, norms
-kept in f32, and the general.* names its converter writes. Types f32, f16, bf16 and q8_0 are written here
-(what the gguf package can write); the k-quants (QUANTS) are llama.cpp's own quantizer run on the f16 file,
-through llama-cpp-python, which also measures perplexity and greedy continuations for the checks.
+Written with the gguf package's GGUFWriter, following llama.cpp's conventions (its converter and loader in the
+llama-cpp-python sdist this project pins) for each architecture in ARCHS: its tensor names, attention biases,
+Q/K rows permuted from HF's rotate-half layout to the interleaved pairs of llama.cpp's `llama` rope (qwen2's rope
+takes HF's layout as it is), norms kept in f32, and the general.* names its converter writes. Types f32, f16, bf16
+and q8_0 are written here (what the gguf package can write); the k-quants (QUANTS) are llama.cpp's own quantizer
+run on the f16 file, through llama-cpp-python, which also measures perplexity and greedy continuations for the
+checks.
 """
 import json
 import math
@@ -18,6 +20,14 @@ TYPES = ("f32", "f16", "bf16", "q8_0")
 QUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
           "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
 OUTTYPES = TYPES + tuple(QUANTS)
+# HF model_type -> llama.cpp architecture. Mistral is llama to llama.cpp's converter too: its sliding window is not
+# written (llama.cpp attends over the whole context, which equals the window up to `sliding_window` tokens).
+ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+PERMUTED = ("llama",)  # rope on interleaved pairs; qwen2's (NEOX-style) rope pairs the halves, as HF does
+# the split regexes of LLaMA-3's and Qwen2's tokenizer.json, as llama.cpp's llama-bpe and qwen2 pre-tokenizers split
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 LAYER_NAMES = {
     "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
@@ -61,14 +71,21 @@ def weight_files(folder):
     return files
 
 
-def read_weights(folder):
-    """Yield (name, float32 numpy array) from the folder's safetensors files, one tensor at a time."""
+def read_weights(folder, shapes_only=False):
+    """Yield (name, float32 numpy array) from the folder's safetensors files, one tensor at a time; with
+    shapes_only, (name, shape) from the files' headers, reading no weights."""
     from safetensors import safe_open
 
     for f in weight_files(folder):
         with safe_open(str(folder / f), "pt") as st:
-            for name in st.keys():
-                yield name, st.get_tensor(name).float().numpy()
+            names = list(st.keys())
+            if shapes_only:
+                yield from ((name, tuple(st.get_slice(name).get_shape())) for name in names)
+        for name in () if shapes_only else names:
+            # opened again per tensor: the file is memory-mapped, and pages read stay resident while it is open
+            with safe_open(str(folder / f), "pt") as st:
+                array = st.get_tensor(name).float().numpy()
+            yield name, array
 
 
 def rope_settings(config, head_dim):
@@ -99,19 +116,27 @@ def rope_settings(config, head_dim):
 
 
 def bpe_pre(tokenizer_json):
-    """llama.cpp's pre-tokenizer name for a GPT-2-style byte-level BPE tokenizer.json, read from its structure."""
+    """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer.json, read from its structure: the one whose
+    split (and whole-word lookup, ignore_merges) llama.cpp reproduces exactly, which its converter's guess from a
+    hash of sample tokens does not always find (SmolLM2 as transformers derives it from a GGUF: gpt-2, not smollm)."""
     pre = tokenizer_json.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+    ignore_merges = bool(tokenizer_json.get("model", {}).get("ignore_merges"))
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True) and not ignore_merges:
         return "gpt-2"  # llama.cpp spells the pre-tokenizer with a hyphen (the tokenizer model is "gpt2")
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+    if (kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True)
+            and not ignore_merges):
         return "smollm"  # GPT-2's split after isolating every digit
-    if (kinds == ["Split", "ByteLevel"] and "\\p{N}{1,3}" in json.dumps(steps[0])
+    if (kinds == ["Split", "ByteLevel"] and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert")
             and not steps[1].get("use_regex", True)):
-        return "llama-bpe"
-    raise UserError(f"the tokenizer's pre-tokenizer ({' + '.join(map(str, kinds))}) has no known llama.cpp name here; "
-                    f"use llama.cpp's convert_hf_to_gguf.py for this model.")
+        regex = (steps[0].get("pattern") or {}).get("Regex")
+        if regex == LLAMA3_SPLIT and ignore_merges:
+            return "llama-bpe"
+        if regex == QWEN2_SPLIT and not ignore_merges:
+            return "qwen2"
+    raise UserError(f"the tokenizer's pre-tokenizer ({' + '.join(map(str, kinds))}) has no llama.cpp pre-tokenizer "
+                    "known here to split text exactly as it does; use llama.cpp's convert_hf_to_gguf.py.")
 
 
 def tokenizer_vocab(folder, tokenizer, vocab_size):
@@ -191,20 +216,36 @@ def model_names(folder, run_config=None):
     return basename or folder.name, finetune
 
 
-def convert(array, name, outtype):
-    """(data, raw_dtype) in the output type; 1-D tensors (norms) and rows not a multiple of 32 stay wider."""
+def ggml_type(shape, outtype):
+    """The GGML type a tensor of this shape is written in: 1-D tensors (norms, biases) stay f32, and q8_0 rows
+    that are not a multiple of its 32-wide blocks stay f16."""
+    from gguf import GGMLQuantizationType as Q
+
+    if len(shape) == 1 or outtype == "f32":
+        return Q.F32
+    if outtype == "f16" or (outtype == "q8_0" and shape[-1] % 32):
+        return Q.F16
+    return Q.BF16 if outtype == "bf16" else Q.Q8_0
+
+
+def convert(array, outtype):
+    """(data, GGML type) of the float32 array in the output type."""
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import quantize
 
-    if array.ndim == 1 or outtype == "f32":
-        return array.astype(np.float32), None
-    if outtype == "f16":
-        return array.astype(np.float16), None
-    if outtype == "bf16":
-        return quantize(array, Q.BF16), Q.BF16
-    if array.shape[-1] % 32:
-        return array.astype(np.float16), None
-    return quantize(array, Q.Q8_0), Q.Q8_0
+    kind = ggml_type(array.shape, outtype)
+    if kind in (Q.F32, Q.F16):
+        return array.astype(np.float32 if kind == Q.F32 else np.float16), kind
+    return quantize(array, kind), kind
+
+
+def architecture(folder, config):
+    """llama.cpp's architecture for the config's model_type, or one sentence naming those this exporter writes."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHS:
+        raise UserError(f"{folder}/config.json has model_type {model_type!r}; this exporter writes "
+                        f"{', '.join(ARCHS)} models only: use llama.cpp's convert_hf_to_gguf.py for it.")
+    return ARCHS[model_type]
 
 
 def write_gguf(folder, path, outtype, config, tokenizer, name, chat_template=None, add_bos=None, names=None):
@@ -218,15 +259,16 @@ def write_gguf(folder, path, outtype, config, tokenizer, name, chat_template=Non
     if outtype not in TYPES:
         raise UserError(f"--outtype={outtype!r} is not one of {', '.join(TYPES)} (k-quants go through the f16 file); "
                         "pass one of them.")
-    if getattr(config, "model_type", None) != "llama":
-        raise UserError(f"{folder}/config.json has model_type {getattr(config, 'model_type', None)!r}; "
-                        "this exporter writes LLaMA-architecture models only.")
+    arch = architecture(folder, config)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     theta, scaling, rope_freqs = rope_settings(config, head_dim)
+    if rope_freqs is not None and arch != "llama":
+        raise UserError(f"{folder}/config.json asks for llama3 rope scaling on {config.model_type}, which llama.cpp "
+                        "applies to llama models only; use llama.cpp's convert_hf_to_gguf.py.")
     model, pre, tokens, types, scores, merges = tokenizer_vocab(folder, tokenizer, config.vocab_size)
 
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name)
     basename, finetune = names or model_names(folder)
@@ -276,33 +318,41 @@ def write_gguf(folder, path, outtype, config, tokenizer, name, chat_template=Non
     if chat_template:
         w.add_chat_template(chat_template)
 
-    unknown, count = [], 0
-    if rope_freqs is not None:
-        w.add_tensor("rope_freqs.weight", rope_freqs)
-        count += 1
-    for hf_name, array in read_weights(folder):
-        target = gguf_name(hf_name)
-        if target is None:
-            if not hf_name.endswith("rotary_emb.inv_freq"):
+    # Streamed: the tensor table is planned from the safetensors headers, then each tensor is read, converted and
+    # written in turn, so memory holds one tensor, not the model (GGUFWriter.add_tensor would keep them all).
+    from gguf.quants import quant_shape_to_byte_shape
+
+    def targets(items):
+        for hf_name, item in items:
+            target = gguf_name(hf_name)
+            if target is None and not hf_name.endswith("rotary_emb.inv_freq"):
                 unknown.append(hf_name)
-            continue
-        if target == "output.weight" and tied:
-            continue  # llama.cpp reads token_embd for the output projection when output.weight is absent
-        if target.endswith("attn_q.weight"):
-            array = permute_qk(array, heads)
-        elif target.endswith("attn_k.weight"):
-            array = permute_qk(array, kv_heads)
-        data, raw = convert(array, target, outtype)
-        w.add_tensor(target, data, raw_dtype=raw)
-        count += 1
-    if unknown:  # raised before the header is written, so no partial file is left behind
-        raise UserError(f"{folder} holds tensors a LLaMA GGUF has no place for ({', '.join(unknown[:3])}...); "
+            # a tied output projection is left out: llama.cpp then reads token_embd for it
+            if target is not None and not (target == "output.weight" and tied):
+                yield target, item
+
+    unknown, planned = [], [("rope_freqs.weight", rope_freqs.shape)] if rope_freqs is not None else []
+    planned += list(targets(read_weights(folder, shapes_only=True)))
+    if unknown:  # raised before the file is opened, so no partial file is left behind
+        raise UserError(f"{folder} holds tensors a {arch} GGUF has no place for ({', '.join(unknown[:3])}...); "
                         "merge adapters first with merge_lora.py.")
+    for target, shape in planned:
+        kind = ggml_type(shape, outtype)  # rope_freqs, 1-D, stays f32
+        w.add_tensor_info(target, shape, np.dtype(np.float32), math.prod(quant_shape_to_byte_shape(shape, kind)),
+                          raw_dtype=kind)
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+    w.write_ti_data_to_file()
+    if rope_freqs is not None:
+        w.write_tensor_data(rope_freqs)
+    for target, array in targets(read_weights(folder)):
+        if arch in PERMUTED and ".attn_q." in target:  # weight and bias alike
+            array = permute_qk(array, heads)
+        elif arch in PERMUTED and ".attn_k." in target:
+            array = permute_qk(array, kv_heads)
+        w.write_tensor_data(convert(array, outtype)[0])
     w.close()
-    return count
+    return len(planned)
 
 
 def load_llama(gguf_path, **kwargs):
@@ -326,9 +376,10 @@ def load_llama(gguf_path, **kwargs):
         llama_cpp.llama_cpp.llama_model_default_params = defaults
 
 
-def llama_cpp_greedy(gguf_path, prompt_ids, max_new_tokens=16):
-    """llama.cpp's greedy continuation (token ids) of each prompt, through llama-cpp-python."""
-    llm = load_llama(gguf_path, logits_all=False)
+def llama_cpp_greedy(gguf_path, prompt_ids, max_new_tokens=16, **kwargs):
+    """llama.cpp's greedy continuation (token ids) of each prompt, through llama-cpp-python; kwargs go to Llama()
+    (lora_path: a GGUF LoRA file applied over the model)."""
+    llm = load_llama(gguf_path, logits_all=False, **kwargs)
     outs = []
     for ids in prompt_ids:
         llm.reset()

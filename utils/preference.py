@@ -23,6 +23,7 @@ each pair's two sequences into one row.
 """
 import itertools
 import json
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -33,7 +34,30 @@ from utils.records import (SFT_SUFFIXES, data_files, history_pairs, json_records
                            to_dialog)
 
 BATCH = 512  # items encoded at a time by encode_stream
+PREF_LOSSES = ("dpo", "ipo", "orpo", "simpo", "kto")  # finetune's --pref_loss (utils/preference_loss.py)
+PREF_DEMO = Path(__file__).resolve().parent.parent / "data" / "pref_demo.json"  # --stage dpo's default data
 LAYOUTS = 'a prompt ("conversations", "messages", "prompt" or "instruction") with a "chosen" and a "rejected" answer'
+
+
+def preference_flags(c, stage, pref_loss, pref_beta, simpo_gamma, lora_model, data_paths=()):
+    """finetune's --stage (sft, pt or dpo), --pref_loss, --pref_beta, --simpo_gamma and --lora_model (the
+    adapter folder it names, or None), checked into `c` (a utils.flags.Checks); under --stage dpo the
+    `data_paths` (--data_path, --val_data_path) must not name .txt files."""
+    from utils.run_folder import find_adapter
+
+    adapter = c.call(find_adapter, lora_model) if c.text("lora_model", lora_model) else None
+    given = [f"--{name}={value}" for name, value, default in (
+        ("pref_loss", pref_loss, "dpo"), ("pref_beta", pref_beta, 0.1), ("simpo_gamma", simpo_gamma, 0.5))
+        if value != default]
+    c.add(f"{', '.join(given)}: preference training flags, used only with --stage=dpo; add --stage=dpo or leave "
+          "them out" if given and stage != "dpo" else None)
+    for flag, value in (("data_path", data_paths[0]), ("val_data_path", data_paths[1])) if data_paths else ():
+        parts = value if isinstance(value, (list, tuple)) else str(value or "").split(",")
+        text = [p for p in map(str, parts) if p.strip().endswith(".txt")]
+        c.add(f"--{flag}={text[0]} is raw text; --stage=dpo reads preference pairs from .json or .jsonl files "
+              "(data/README.md shows the layouts)" if text and stage == "dpo" else None)
+    return (c.choice("stage", stage, ("sft", "pt", "dpo")), c.choice("pref_loss", pref_loss, PREF_LOSSES),
+            c.number("pref_beta", pref_beta, 0, above_low=True), c.number("simpo_gamma", simpo_gamma, 0), adapter)
 
 
 def _new_stats():
@@ -327,6 +351,13 @@ class Pairs:
         rejected_ids = np.asarray(rejected["input_ids"])[n:].tolist()
         return {"prompt_ids": ids[:n], "chosen_ids": ids[n:], "rejected_ids": rejected_ids}
 
+    @property
+    def stats(self):
+        return self.examples.stats
+
+    def origin(self):
+        return self.examples.origin()
+
     def lengths(self):
         """Tokens per pair: its two sequences together, the length of its packed row."""
         per = (np.asarray(self.examples.lengths()) if hasattr(self.examples, "lengths")
@@ -337,6 +368,20 @@ class Pairs:
     def subset(self, index):
         index = np.asarray(index, dtype=np.int64)
         return Pairs(self.examples, index if self.index is None else self.index[index])
+
+
+def pair_summary(pairs, stats, tokenizer):
+    """utils.data.summary's lines for Pairs: counted in pairs, lengths per sequence, and the first pair's chosen
+    example with its mask, then its rejected answer."""
+    from utils.data import summary
+
+    lines = summary(pairs.examples, stats, tokenizer).splitlines()
+    lines[0] = (f"pairs read: {stats['records']:,}, kept: {len(pairs):,}, truncated: {stats['truncated']:,}, "
+                f"dropped (nothing left to compare): {stats['dropped']:,}")
+    lines[1] = lines[1].replace("tokens per example", "tokens per sequence (prompt + chosen or rejected answer)")
+    lines[lines.index("example 1 ([-] masked from the loss, [+] trained on):")] = \
+        "pair 1, its chosen answer ([-] masked from the loss, [+] trained on), then its rejected answer:"
+    return "\n".join(lines + [f"  [+] {tokenizer.decode(pairs[0]['rejected_ids'])!r}"])
 
 
 class PairCollator:

@@ -98,12 +98,17 @@ def figures(answers, expects=()):
 
 def _validation_items(val, tokenizer, stage):
     """(prompt ids, reference text) of the first validation examples: sft splits at the last answer (its tokens
-    are the supervised ones at the end), pt gives the head of each held block and no reference."""
+    are the supervised ones at the end), dpo likewise with a pair's chosen answer, pt gives the head of each held
+    block and no reference."""
     from utils.data import IGNORE
 
     items = []
     for i in range(min(len(val or ()), MAX_VALIDATION)):
         example = val[i]
+        if "prompt_ids" in example:  # a preference pair (--stage dpo): its chosen answer is the reference
+            from utils.preference import sides
+
+            example = sides(example)[0]
         ids, labels = list(example["input_ids"]), list(example["labels"])
         if stage == "pt":
             items.append((ids[:PT_PROMPT_TOKENS], None))

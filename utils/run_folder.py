@@ -154,6 +154,33 @@ def save_run(output_dir, model, tokenizer, config, log_history, engine=None):
             plot_loss(log_history, folder / "loss.png")
 
 
+def run_config(base_model, model_path, settings, flags, bits, dtype, trust_remote_code, lora, data, train, val, args,
+               training, preference=None):
+    """run_config.json's content (what merge, chat, evaluation and --config read back): `settings` the data
+    settings (stage, template, cutoff_len, block_size, train_on_inputs), `flags` main's flags (data_path as
+    resolved), `data` the whole tokenized set and `train`/`val` its parts, `args` the TrainingArguments,
+    `training` the run's figures (epochs, steps, train loss, ...); `preference` the --stage dpo settings."""
+    from utils.flags import recorded_flags
+
+    return {
+        "base_model": base_model, "base_model_path": model_path, "stage": settings["stage"],
+        "template": settings["template"], "cutoff_len": settings["cutoff_len"],
+        "block_size": settings["block_size"] if settings["stage"] == "pt" else None,
+        "train_on_inputs": settings["train_on_inputs"], "bits": bits, "dtype": str(dtype).replace("torch.", ""),
+        "trust_remote_code": trust_remote_code, "lora": lora, "flags": recorded_flags(flags),
+        **({"preference": preference} if preference else {}),
+        "data": {"path": str(flags["data_path"]), **data.stats, "max_samples": None if flags["max_samples"] is None
+                 else int(float(flags["max_samples"])),  # as checked
+                 "train_examples": len(train), "validation_examples": len(val or ()),
+                 "tokens_min": int(data.lengths().min()), "tokens_max": int(data.lengths().max()),
+                 "train_tokens": int(train.lengths().sum())},
+        "training": {"learning_rate": args.learning_rate, "seed": args.seed,
+                     "per_device_train_batch_size": args.per_device_train_batch_size,
+                     "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                     "activation_checkpointing": args.gradient_checkpointing, **training},
+    }
+
+
 def write_run_config(output_dir, config):
     path = Path(output_dir) / RUN_CONFIG
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
@@ -195,6 +222,15 @@ def find_adapter(lora_model, flag="lora_model"):
     return adapter
 
 
+def continued_run(adapter, base_model):
+    """(base model, run config) of a run that continues `adapter` (finetune --lora_model; None: a new adapter):
+    the adapter's own base unless --base_model names another than the built-in, and its run config."""
+    if not adapter:
+        return base_model, None
+    config = read_run_config(adapter)
+    return (adapter_base(adapter, config) if base_model == BUILTIN else base_model), config
+
+
 def adapter_base(folder, run_config=None):
     """The base model an adapter was trained on: the run config's (its resolved path while that exists),
     else the base_model_name_or_path PEFT recorded in adapter_config.json."""
@@ -209,21 +245,25 @@ def adapter_base(folder, run_config=None):
 
 
 def plot_loss(log_history, path):
-    """loss.png: training and evaluation loss against the step."""
+    """loss.png: training and evaluation loss against the step; for preference training (--stage dpo) a second
+    panel with the reward margin and accuracy (rewards/margins, rewards/accuracies)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("loss", "train"), ("eval_loss", "eval")):
-        points = [(h["step"], h[key]) for h in log_history if key in h]
-        if points:
-            ax.plot(*zip(*points), marker="." if key == "loss" else "o", label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    rewards = [key for key in ("rewards/margins", "rewards/accuracies", "eval_rewards/margins",
+                               "eval_rewards/accuracies") if any(key in h for h in log_history)]
+    fig, axes = plt.subplots(1, 2 if rewards else 1, figsize=(12 if rewards else 7, 4), squeeze=False)
+    for ax, keys in zip(axes[0], ((("loss", "train"), ("eval_loss", "eval")), [(k, k) for k in rewards])):
+        for key, label in keys:
+            points = [(h["step"], h[key]) for h in log_history if key in h]
+            if points:
+                ax.plot(*zip(*points), marker="o" if key.startswith("eval") else ".", label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss" if ax is axes[0][0] else "reward margin, accuracy")
+        ax.legend()
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

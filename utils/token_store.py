@@ -2,7 +2,8 @@
 
 A store is a folder under the cache, named by a hash of the data files, the tokenizer and the settings:
 - `ids.bin`: every example's token ids, one after another (uint16 when the vocabulary fits, else uint32);
-- `mask.bin`: one byte per token, 1 where the token is a label (--stage sft; in pt every token is one);
+- `mask.bin`: one byte per token, 1 where the token is a label (--stage sft and dpo; in pt every token is one);
+- `kto_labels.bin`: one byte per example, 1 for a desirable answer (--stage dpo --pref_loss kto only);
 - `offsets.npy`: where each example starts (int64, one more than there are examples);
 - `meta.json`: the format, the counts and the data summary; written last.
 
@@ -36,7 +37,8 @@ MIN_BYTES_FOR_WORKERS = 1 << 20  # below this, starting workers costs more than 
 
 
 class TokenStore:
-    """A built store as a sequence of examples {"input_ids", "labels"} (int64 arrays), read lazily."""
+    """A built store as a sequence of examples {"input_ids", "labels"} (int64 arrays; and "kto_label", a bool,
+    in a KTO store), read lazily."""
 
     def __init__(self, folder, index=None):
         self.folder, self.index = Path(folder), index
@@ -50,11 +52,13 @@ class TokenStore:
 
         tokens = self.meta["tokens"]
         self.ids = mapped("ids.bin", self.meta["dtype"], tokens)
-        self.mask = mapped("mask.bin", np.uint8, tokens) if self.meta["stage"] == "sft" else None
+        self.mask = mapped("mask.bin", np.uint8, tokens) if self.meta["stage"] != "pt" else None
+        kto = self.meta["stage"] == "kto"
+        self.kto_labels = mapped("kto_labels.bin", np.uint8, self.meta["examples"]) if kto else None
         self.offsets = np.load(self.folder / "offsets.npy", mmap_mode="r")
 
     def __getstate__(self):  # a pickled copy (data loader workers) maps the files again instead of copying them
-        return {k: v for k, v in self.__dict__.items() if k not in ("ids", "mask", "offsets")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("ids", "mask", "offsets", "kto_labels")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -70,6 +74,8 @@ class TokenStore:
         a, b = int(self.offsets[j]), int(self.offsets[j + 1])
         ids = self.ids[a:b].astype(np.int64)
         labels = ids.copy() if self.mask is None else np.where(self.mask[a:b] != 0, ids, IGNORE)
+        if self.kto_labels is not None:
+            return {"input_ids": ids, "labels": labels, "kto_label": bool(self.kto_labels[j])}
         return {"input_ids": ids, "labels": labels}
 
     def origin(self):
@@ -124,7 +130,7 @@ def tokenized(files, encoder, settings, cache=True, workers=None, max_samples=No
     cache=False builds a private store in a temporary folder that is removed when the store is dropped.
     """
     store = _stored(files, encoder, settings, cache, workers, max_samples, flag, folder)
-    if not len(store) and encoder.stage == "sft":
+    if not len(store) and encoder.stage != "pt":
         raise UserError(f"all {store.stats['records']:,} records of --{flag} were dropped: "
                         f"nothing to train on remained after truncation to --cutoff_len={encoder.cutoff_len}; "
                         "raise --cutoff_len.")
@@ -190,19 +196,21 @@ def _start_worker(encoder):
 
 
 def _encode_batch(items, encoder=None):
-    """One batch of validated items -> (ids, mask, lengths, stats) as arrays: what the writer appends."""
+    """One batch of validated items -> (ids, mask, lengths, stats, KTO labels or None) as arrays: what the writer
+    appends."""
     encoder = encoder or _ENCODER
     dtype = _ids_dtype(encoder.tokenizer)
     if encoder.stage == "pt":
         docs = encoder.texts(items)
         ids = np.fromiter(itertools.chain.from_iterable(docs), dtype, sum(map(len, docs)))
-        return ids, None, None, {"records": len(items), "truncated": 0, "dropped": 0, "supervised_tokens": 0}
+        return ids, None, None, {"records": len(items), "truncated": 0, "dropped": 0, "supervised_tokens": 0}, None
     examples, stats = encoder.dialogs(items)
     lengths = np.fromiter((len(e["input_ids"]) for e in examples), np.int64, len(examples))
     total = int(lengths.sum())
     ids = np.fromiter(itertools.chain.from_iterable(e["input_ids"] for e in examples), dtype, total)
     labels = np.fromiter(itertools.chain.from_iterable(e["labels"] for e in examples), np.int64, total)
-    return ids, (labels != IGNORE).astype(np.uint8), lengths, stats
+    kto = np.fromiter((e["kto_label"] for e in examples), np.uint8, len(examples)) if encoder.stage == "kto" else None
+    return ids, (labels != IGNORE).astype(np.uint8), lengths, stats, kto
 
 
 def _ids_dtype(tokenizer):
@@ -237,16 +245,20 @@ def _build(folder, files, encoder, workers, max_samples, flag):
     lengths, tokens, t0 = [], 0, time.time()
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="reading and tokenizing", delay=2,
                mininterval=1 if sys.stderr.isatty() else 30, file=sys.stderr, dynamic_ncols=True)
-    items = iter_records(files, encoder.stage, progress=bar.update)
+    records = getattr(encoder, "records", None)  # preference data has its own reader (utils/preference.py)
+    items = records(files, bar.update) if records else iter_records(files, encoder.stage, progress=bar.update)
     if max_samples:
         items = itertools.islice(items, max_samples)
     pool = _start_pool(encoder, workers) if use_pool else None
     try:
         batches = _batches(items, BATCH)
         results = _in_order(pool, batches, 2 * workers) if pool else (_encode_batch(b, encoder) for b in batches)
-        with open(folder / "ids.bin", "wb") as ids_file, open(folder / "mask.bin", "wb") as mask_file:
-            for ids, mask, batch_lengths, batch_stats in results:
+        with (open(folder / "ids.bin", "wb") as ids_file, open(folder / "mask.bin", "wb") as mask_file,
+              open(folder / "kto_labels.bin", "wb") as kto_file):
+            for ids, mask, batch_lengths, batch_stats, kto in results:
                 ids.tofile(ids_file)
+                if kto is not None:
+                    kto.tofile(kto_file)
                 tokens += len(ids)
                 if mask is not None:
                     mask.tofile(mask_file)
@@ -269,6 +281,8 @@ def _build(folder, files, encoder, workers, max_samples, flag):
     else:
         offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths) if lengths
                                                  else np.zeros(0, np.int64))]).astype(np.int64)
+    if encoder.stage != "kto":
+        (folder / "kto_labels.bin").unlink()
     np.save(folder / "offsets.npy", offsets)
     meta = {"version": STORE_VERSION, "stage": encoder.stage, "dtype": np.dtype(_ids_dtype(encoder.tokenizer)).name,
             "tokens": tokens, "examples": len(offsets) - 1, "stats": stats, "files": [str(f) for f in files],

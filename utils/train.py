@@ -12,10 +12,11 @@ from utils.fast.attention import _CausalAttention
 
 
 def lora_for_training(model_path, dtype, bits, device, lora, checkpointing, tokens_per_step, length,
-                      local_files_only=False, trust_remote_code=False, sharding=None):
-    """Load the base, wrap it in LoRA (`lora`: r, alpha, dropout, target_modules, modules_to_save) and apply
-    the fast path. Returns (the peft model, the head the loss projects with or None, whether activations are
-    recomputed, the banner's lines). `checkpointing` True/False, or "auto": on for a 4/8-bit base (chosen
+                      local_files_only=False, trust_remote_code=False, sharding=None, adapter=None):
+    """Load the base, wrap it in LoRA (`lora`: r, alpha, dropout, target_modules, modules_to_save), or in the
+    trained `adapter` folder to continue it (`lora` then takes the adapter's settings), and apply the fast path.
+    Returns (the peft model, the head the loss projects with or None, whether activations are recomputed, the
+    banner's lines). `checkpointing` True/False, or "auto": on for a 4/8-bit base (chosen
     to save memory), else only when the activations of `tokens_per_step` tokens would not fit. `sharding`: the
     engine (utils/distributed.engine), for the fast path and a sharded QLoRA base."""
     from peft import get_peft_model
@@ -39,10 +40,19 @@ def lora_for_training(model_path, dtype, bits, device, lora, checkpointing, toke
     # A quantized base needs no more preparation than a 16-bit one: peft's prepare_model_for_kbit_training
     # would copy the embeddings, norms and lm_head to fp32 (bench/RESULTS.md), and autocast
     # already computes in the half type. Whatever trains is fp32 (LoRA weights, modules_to_save copies).
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+        config = model.peft_config["default"]
+        names = config.target_modules
+        lora.update(r=config.r, alpha=config.lora_alpha, dropout=config.lora_dropout, modules_to_save=sorted(
+            config.modules_to_save or []), target_modules=[names] if isinstance(names, str) else sorted(names))
     targets = lora["target_modules"] = (find_target_modules(model) if lora["target_modules"] in ([], ["auto"])
                                         else lora["target_modules"])
-    model = get_peft_model(model, lora_config(model, lora["r"], lora["alpha"], lora["dropout"], targets,
-                                              lora["modules_to_save"]))
+    if not adapter:
+        model = get_peft_model(model, lora_config(model, lora["r"], lora["alpha"], lora["dropout"], targets,
+                                                  lora["modules_to_save"]))
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()

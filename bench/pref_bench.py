@@ -1,0 +1,231 @@
+"""Preference training: our finetune.py --stage=dpo against TRL's DPOTrainer, on this CPU, in one run.
+
+    python bench/pref_bench.py                 # built-in SmolLM2, 200 pairs of dpo_en_demo.json, 50 held back
+    python bench/pref_bench.py --max_steps=2 --held=4 --arms=ours   # a smoke run: no figures to quote
+
+Both arms train the same LoRA (r=8, alpha 16, no dropout, the 7 projections) with DPO (sigmoid, beta 0.1) for
+one epoch at the same learning rate, batch and schedule, each in its own child process; peak RSS is polled from
+outside. TRL runs at its defaults otherwise: padded batches, activation checkpointing on (DPOConfig's default),
+and with a PEFT model the reference is the adapter-disabled model, a forward per step. Ours packs each batch into
+one row, computes the reference log-probs once before training, and recomputes activations only where they would
+not fit (--gradient_checkpointing=auto; --ours_checkpointing=True matches TRL's).
+
+Tokens/s: the real tokens of the training pairs (prompt + chosen, prompt + rejected, counted by one tokenizer)
+over the time from the first step to the last, our reference pass included. The held-back reward accuracy is
+computed afterwards by one piece of code for both adapters (fp32, padded): the share of held-back pairs whose
+chosen answer gains more log-probability over the base model than the rejected one.
+Needs ../shared/data/dpo_en_demo.json and TRL (requirements-dev.txt); skips with a message without either.
+"""
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data" / "dpo_en_demo.json"
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def encoded(records, cutoff_len):
+    """(pairs as {prompt_ids, chosen_ids, rejected_ids}, tokenizer) with our template code."""
+    from utils.model import builtin_path, load_tokenizer
+    from utils.preference import encode_pairs, to_pair
+    from utils.templates import load_template
+
+    tokenizer = load_tokenizer(builtin_path())
+    pairs, _ = encode_pairs([to_pair(r, f"record {i}") for i, r in enumerate(records, 1)], tokenizer,
+                            load_template("auto", tokenizer), cutoff_len)
+    return [pairs[i] for i in range(len(pairs))], tokenizer
+
+
+def trl_rows(records):
+    """TRL's conversational preference layout: prompt (messages), chosen and rejected (one assistant message)."""
+    from utils.preference import to_pair
+
+    rows = []
+    for i, record in enumerate(records, 1):
+        pair = to_pair(record, f"record {i}")
+        prompt = [{"role": "system", "content": pair.system}] if pair.system else []
+        for question, answer in pair.history:
+            prompt += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        prompt.append({"role": "user", "content": pair.query})
+        rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": pair.chosen}],
+                     "rejected": [{"role": "assistant", "content": pair.rejected}]})
+    return rows
+
+
+def run_arm(arm, out, records, cutoff_len, batch, lr, max_steps, ours_checkpointing):
+    """One arm, in this (child) process; writes {seconds, losses} to out/result.json and the adapter to
+    out/adapter."""
+    import torch
+
+    out = Path(out)
+    if arm == "ours":
+        import finetune
+
+        data = out / "train.json"
+        data.write_text(json.dumps(records, ensure_ascii=False))
+        steps = max_steps if max_steps > 0 else math.ceil(len(records) / batch)
+        finetune.main(stage="dpo", data_path=str(data), output_dir=str(out / "adapter"), num_epochs=1,
+                      max_steps=max_steps, per_device_train_batch_size=batch, learning_rate=lr, cutoff_len=cutoff_len,
+                      lora_dropout=0.0, pref_beta=0.1, save_steps=steps, logging_steps=1, data_cache=False,
+                      report=False, gradient_checkpointing=ours_checkpointing)
+        config = json.loads((out / "adapter" / "run_config.json").read_text())
+        history = json.loads((out / "adapter" / f"checkpoint-{steps}" / "trainer_state.json").read_text())
+        history = history["log_history"]
+        seconds = next(h["train_runtime"] for h in history if "train_runtime" in h)
+        seconds += config["preference"]["reference_seconds"]
+    else:
+        from datasets import Dataset
+        from peft import LoraConfig
+        from transformers import AutoModelForCausalLM
+        from trl import DPOConfig, DPOTrainer
+
+        from utils.model import builtin_path, load_tokenizer
+
+        tokenizer = load_tokenizer(builtin_path())
+        model = AutoModelForCausalLM.from_pretrained(builtin_path(), dtype=torch.float32)
+        args = DPOConfig(output_dir=str(out / "adapter"), per_device_train_batch_size=batch, num_train_epochs=1,
+                         max_steps=max_steps, learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=0.03,
+                         logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=42, beta=0.1,
+                         max_length=cutoff_len)
+        trainer = DPOTrainer(model=model, args=args, processing_class=tokenizer,
+                             train_dataset=Dataset.from_list(trl_rows(records)),
+                             peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=PROJECTIONS,
+                                                    task_type="CAUSAL_LM"))
+        trainer.train()
+        trainer.model.save_pretrained(out / "adapter")
+        history = trainer.state.log_history
+        seconds = next(h["train_runtime"] for h in history if "train_runtime" in h)
+    losses = [h["loss"] for h in history if "loss" in h]
+    (out / "result.json").write_text(json.dumps({"seconds": seconds, "losses": losses}))
+
+
+def child(arm, out, **kw):
+    """Run one arm in a child process, polling its peak RSS; returns (result, peak_rss_bytes)."""
+    import psutil
+
+    cmd = [sys.executable, __file__, "--arm", arm, "--out", str(out)] + [f"--{k}={v}" for k, v in kw.items()]
+    peak = 0
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(Path(out) / "stderr.log", "w"))
+    ps = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            peak = max(peak, sum(p.memory_info().rss for p in [ps] + ps.children(recursive=True)))
+        except psutil.Error:
+            pass
+        time.sleep(0.1)
+    if proc.returncode:
+        sys.exit(f"{arm} failed; see {out}/stderr.log:\n" + (Path(out) / "stderr.log").read_text()[-2000:])
+    return json.loads((Path(out) / "result.json").read_text()), peak
+
+
+def reward_accuracy(adapter, pairs, pad_token_id, batch=8):
+    """The share of pairs whose chosen answer gains more log-probability over the base model (the adapter
+    disabled) than the rejected one: the same code for every arm, fp32, padded rows."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from utils.model import builtin_path
+    from utils.preference import PairCollator
+    from utils.preference_loss import sequence_logps
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(builtin_path(), dtype=torch.float32),
+                                      adapter).eval()
+    right = 0
+    with torch.no_grad():
+        for i in range(0, len(pairs), batch):
+            b = PairCollator(pad_token_id, packing=False)(pairs[i:i + batch])
+            labels = b.pop("labels")
+            policy = sequence_logps(model(**b).logits, labels)[0]
+            with model.disable_adapter():
+                base = sequence_logps(model(**b).logits, labels)[0]
+            gain = policy - base
+            right += int((gain[0::2] > gain[1::2]).sum())
+    return right / len(pairs)
+
+
+def plot(curves, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, losses in curves.items():
+        ax.plot(range(1, len(losses) + 1), losses, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("DPO loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(pairs=200, held=50, cutoff_len=512, batch=8, lr=5e-5, max_steps=-1, arms="trl,ours",
+         ours_checkpointing="auto", arm=None, out=None):
+    """Args: pairs (trained on), held (held back for the reward accuracy), cutoff_len, batch, lr: the setting.
+    max_steps: stop each arm after this many steps (a smoke run; -1: one epoch). arms: trl, ours or both (the
+    targets need both). ours_checkpointing: our --gradient_checkpointing (auto, True, False). arm, out: internal
+    (a child)."""
+    import importlib.util
+
+    if not DATA.is_file():
+        print(f"skipped: {DATA} is absent (it holds the benchmark data)")
+        return
+    from utils.errors import as_list
+
+    arms = [a for a in ("trl", "ours") if a in as_list(arms, "arms")]
+    if "trl" in arms and not importlib.util.find_spec("trl"):
+        print("skipped: TRL is not installed (pip install -r requirements-dev.txt)")
+        return
+    data = json.loads(DATA.read_text(encoding="utf-8"))
+    if arm:
+        return run_arm(arm, out, data[:pairs], cutoff_len, batch, lr, max_steps, ours_checkpointing)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tmp = Path(tempfile.mkdtemp(prefix="pref-bench-"))
+    train_pairs, tokenizer = encoded(data[:pairs], cutoff_len)
+    held_pairs, _ = encoded(data[pairs:pairs + held], cutoff_len)
+    tokens = sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in train_pairs)
+    steps = min(math.ceil(len(train_pairs) / batch), max_steps if max_steps > 0 else 10**9)
+    tokens *= steps / math.ceil(len(train_pairs) / batch)  # the share of the epoch the arms train
+    results = {}
+    for name in arms:
+        (tmp / name).mkdir()
+        t0 = time.time()
+        results[name] = child(name, tmp / name, pairs=pairs, cutoff_len=cutoff_len, batch=batch, lr=lr,
+                              max_steps=max_steps, ours_checkpointing=ours_checkpointing)
+        print(f"  {name:5s} done in {time.time() - t0:.0f} s", flush=True)
+    accuracy = {name: reward_accuracy(tmp / name / "adapter", held_pairs, tokenizer.pad_token_id) for name in results}
+    plot({name: r[0]["losses"] for name, r in results.items()}, tmp / "loss_curves.png")
+    print(f"\n{len(train_pairs)} dpo_en_demo pairs ({steps} steps of {batch}), {len(held_pairs)} held back, cutoff "
+          f"{cutoff_len}, lr {lr}, DPO beta 0.1, LoRA r=8 on 7 projections, built-in SmolLM2-135M, fp32 CPU")
+    print(f"{'arm':6s} {'tokens/s':>9s} {'peak RSS':>9s} {'held-back reward acc.':>22s}  loss: first, last 5 mean")
+    for name, (result, rss) in results.items():
+        losses = result["losses"]
+        print(f"{name:6s} {tokens / result['seconds']:9.1f} {rss / 2**30:7.2f} GB {accuracy[name]:21.1%}   "
+              f"{losses[0]:.4f}, {sum(losses[-5:]) / len(losses[-5:]):.4f}")
+    print(f"loss curves: {tmp / 'loss_curves.png'}; per-step losses in {tmp}/*/result.json")
+    if len(results) < 2:
+        return
+    (ours, ours_rss), (trl, trl_rss) = results["ours"], results["trl"]
+    speed, memory = trl["seconds"] / ours["seconds"], ours_rss / trl_rss
+    gap = accuracy["trl"] - accuracy["ours"]
+    print(f"\ntargets: peak RSS <= 0.7x TRL's: {memory:.2f}x {'met' if memory <= 0.7 else 'NOT met'};  "
+          f"throughput >= 1.5x TRL's: {speed:.2f}x {'met' if speed >= 1.5 else 'NOT met'};  "
+          f"held-back reward accuracy within 3 points of TRL's: {-gap * 100:+.1f} points "
+          f"{'met' if gap <= 0.03 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)

@@ -1,0 +1,144 @@
+"""Preference losses (DPO, IPO, ORPO, SimPO, KTO) from per-sequence log-probabilities, and those log-probabilities
+from a batch of utils/preference.py's collators.
+
+The formulas are TRL's published ones (DPOTrainer's sigmoid and ipo losses, ORPOTrainer's odds ratio, CPOTrainer's
+simpo, KTOTrainer's kto); tests/test_preference_loss.py checks each against a plain-Python implementation:
+- dpo:   -log sigmoid(beta * ((c - rc) - (r - rr))), with c, r the summed log-probs of the chosen and rejected
+         answers under the policy and rc, rr under the reference; rewards beta * (c - rc), beta * (r - rr).
+- ipo:   ((c - rc) / |c| - (r - rr) / |r| - 1 / (2 beta))^2, the log-ratios averaged per answer token (TRL's
+         reading of the IPO paper, confirmed by its authors); rewards as dpo's.
+- orpo:  NLL of the chosen answers (per token) - beta * log sigmoid(log odds(c) - log odds(r)), with c, r
+         averaged per token and log odds(p) = p - log(1 - exp(p)); no reference; rewards beta * c, beta * r.
+         Our NLL covers the answer only: the prompt stays masked, as in SFT.
+- simpo: -log sigmoid(beta * (c - r) - gamma), c, r averaged per token; no reference; rewards beta * c, beta * r.
+- kto:   desirable answers 1 - sigmoid(beta * ((y - ry) - z)), undesirable ones 1 - sigmoid(beta * (z - (y - ry))),
+         the mean over all; z, the KL estimate, is the batch mean of (policy - reference) log-probs of mismatched
+         prompt/answer pairs, clamped at 0 and without gradient; rewards beta * (y - ry).
+The metrics are TRL's names: rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies (paired losses),
+logps/chosen, logps/rejected (summed log-probs; per-token means for orpo and simpo, as their trainers log), and
+kl for kto.
+"""
+import torch
+import torch.nn.functional as F
+
+from utils.data import IGNORE
+from utils.fast.precision import compute_dtype
+from utils.preference import PREF_LOSSES
+
+__all__ = ["PREF_LOSSES", "REFERENCE_FREE", "kto_loss", "pair_loss", "sequence_logps"]
+REFERENCE_FREE = ("orpo", "simpo")  # no reference pass at all
+
+
+def _log1mexp(x):
+    """log(1 - exp(x)) for x < 0, without cancellation on either side of -log 2."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def pair_loss(loss_type, chosen, rejected, chosen_tokens, rejected_tokens, ref_chosen=None, ref_rejected=None,
+              beta=0.1, gamma=0.5):
+    """(loss, metrics) of a batch of pairs: `chosen`/`rejected` the policy's summed log-probs of each answer (n,),
+    `*_tokens` their token counts, `ref_*` the reference's (dpo, ipo). Metrics are floats."""
+    chosen, rejected = chosen.float(), rejected.float()
+    chosen_tokens, rejected_tokens = chosen_tokens.float().clamp(min=1), rejected_tokens.float().clamp(min=1)
+    if loss_type in ("dpo", "ipo"):
+        chosen_ratio, rejected_ratio = chosen - ref_chosen.float(), rejected - ref_rejected.float()
+        if loss_type == "dpo":
+            losses = -F.logsigmoid(beta * (chosen_ratio - rejected_ratio))
+        else:
+            losses = (chosen_ratio / chosen_tokens - rejected_ratio / rejected_tokens - 1 / (2 * beta)) ** 2
+        chosen_reward, rejected_reward = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+        logged = chosen, rejected
+    elif loss_type in ("orpo", "simpo"):
+        chosen_mean, rejected_mean = chosen / chosen_tokens, rejected / rejected_tokens
+        if loss_type == "orpo":
+            log_odds = (chosen_mean - rejected_mean) - (_log1mexp(chosen_mean) - _log1mexp(rejected_mean))
+            nll = -chosen.sum() / chosen_tokens.sum()
+            losses = nll - beta * F.logsigmoid(log_odds)
+        else:
+            losses = -F.logsigmoid(beta * (chosen_mean - rejected_mean) - gamma)
+        chosen_reward, rejected_reward = beta * chosen_mean.detach(), beta * rejected_mean.detach()
+        logged = chosen_mean, rejected_mean
+    else:
+        raise ValueError(f"unknown pair loss {loss_type!r}; one of dpo, ipo, orpo, simpo")
+    metrics = {"rewards/chosen": chosen_reward.mean().item(), "rewards/rejected": rejected_reward.mean().item(),
+               "rewards/margins": (chosen_reward - rejected_reward).mean().item(),
+               "rewards/accuracies": (chosen_reward > rejected_reward).float().mean().item(),
+               "logps/chosen": logged[0].detach().mean().item(), "logps/rejected": logged[1].detach().mean().item()}
+    return losses.mean(), metrics
+
+
+def kto_loss(logps, ref_logps, desirable, kl_logps, ref_kl_logps, beta=0.1):
+    """(loss, metrics) of KTO: `logps`/`ref_logps` the summed log-probs of each answer (n,), `desirable` a bool per
+    answer, `kl_*` those of the mismatched prompt/answer sequences that estimate the KL term."""
+    kl = (kl_logps.float() - ref_kl_logps.float()).mean().detach().clamp(min=0)
+    ratio = logps.float() - ref_logps.float()
+    losses = torch.where(desirable, 1 - torch.sigmoid(beta * (ratio - kl)), 1 - torch.sigmoid(beta * (kl - ratio)))
+    rewards = beta * ratio.detach()
+    metrics = {"kl": kl.item()}
+    for name, picked in (("chosen", desirable), ("rejected", ~desirable)):
+        if picked.any():
+            metrics[f"rewards/{name}"] = rewards[picked].mean().item()
+            metrics[f"logps/{name}"] = logps[picked].detach().float().mean().item()
+    if desirable.any() and (~desirable).any():
+        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+    return losses.mean(), metrics
+
+
+def sequence_logps(logits, labels, sequence_index=None, head=None):
+    """(summed log-probs, token counts) of every sequence of a batch, each over its labelled tokens.
+
+    `labels` (rows, tokens) with IGNORE where nothing is predicted; `logits` the model's output: every position
+    (rows, tokens, vocab), or only those whose next token is labelled, in order (utils.data.Collator's
+    logits_to_keep). With `head` (utils.fast.project_in_loss) they are final hidden states, projected here
+    without a (tokens x vocabulary) tensor. `sequence_index` (1, tokens): the sequence of each token of a packed
+    row (utils.preference.PairCollator); without it each row is one sequence.
+    """
+    targets_at = labels[:, 1:] != IGNORE
+    if logits.shape[1] == labels.shape[1]:
+        rows = logits[:, :-1][targets_at.to(logits.device)]
+    else:
+        rows = logits.flatten(0, 1)
+    targets = labels[:, 1:][targets_at].to(rows.device)
+    if sequence_index is None:
+        sequence_index = torch.arange(labels.shape[0])[:, None].expand(labels.shape)
+    sequence = sequence_index[:, 1:][targets_at].to(rows.device)
+    count = int(sequence_index[:, -1].max()) + 1 if sequence_index.numel() else 0
+    if head is not None:
+        token_logps = _LinearLogProbs.apply(rows, head.weight, targets)
+    else:
+        token_logps = torch.log_softmax(rows.float(), -1).gather(1, targets[:, None])[:, 0]
+    sums = torch.zeros(count, dtype=token_logps.dtype, device=rows.device).index_add(0, sequence, token_logps)
+    return sums, torch.bincount(sequence, minlength=count)
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    """log softmax(hidden @ weight^T)[target] per row, without the (rows x vocabulary) logits: they exist one
+    block at a time, and each row's gradient with respect to its hidden state, (one-hot - softmax) @ weight, is
+    formed in the forward while its block exists; the backward scales it by the row's incoming gradient (as
+    utils/fast/loss.py's _LinearCrossEntropy does for a summed loss). The weight is frozen (project_in_loss)."""
+
+    BLOCK = 2**22  # logits per block
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):
+        dtype = compute_dtype(hidden.device.type, weight.dtype)
+        rows = max(1, _LinearLogProbs.BLOCK // weight.shape[0])
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+            grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+            for start in range(0, hidden.shape[0], rows):
+                block = slice(start, start + rows)
+                log_probs = torch.log_softmax((hidden[block] @ weight.t()).float(), -1)
+                out[block] = log_probs.gather(1, targets[block, None])[:, 0]
+                if grad is not None:
+                    probs = log_probs.exp_().neg_()
+                    probs.scatter_add_(1, targets[block, None], torch.ones_like(out[block, None]))
+                    grad[block] = probs.to(dtype) @ weight
+        ctx.save_for_backward(grad)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out[:, None].to(grad.dtype), None, None
