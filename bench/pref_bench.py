@@ -18,7 +18,6 @@ Needs ../shared/data/dpo_en_demo.json and TRL (requirements-dev.txt); skips with
 """
 import json
 import math
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,8 +25,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 DATA = ROOT.parent / "shared" / "data" / "dpo_en_demo.json"
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+from train_throughput import PROJECTIONS, child  # noqa: E402
 
 
 def encoded(records, cutoff_len):
@@ -103,25 +104,6 @@ def run_arm(arm, out, records, cutoff_len, batch, lr, max_steps, ours_checkpoint
         seconds = next(h["train_runtime"] for h in history if "train_runtime" in h)
     losses = [h["loss"] for h in history if "loss" in h]
     (out / "result.json").write_text(json.dumps({"seconds": seconds, "losses": losses}))
-
-
-def child(arm, out, **kw):
-    """Run one arm in a child process, polling its peak RSS; returns (result, peak_rss_bytes)."""
-    import psutil
-
-    cmd = [sys.executable, __file__, "--arm", arm, "--out", str(out)] + [f"--{k}={v}" for k, v in kw.items()]
-    peak = 0
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(Path(out) / "stderr.log", "w"))
-    ps = psutil.Process(proc.pid)
-    while proc.poll() is None:
-        try:
-            peak = max(peak, sum(p.memory_info().rss for p in [ps] + ps.children(recursive=True)))
-        except psutil.Error:
-            pass
-        time.sleep(0.1)
-    if proc.returncode:
-        sys.exit(f"{arm} failed; see {out}/stderr.log:\n" + (Path(out) / "stderr.log").read_text()[-2000:])
-    return json.loads((Path(out) / "result.json").read_text()), peak
 
 
 def reward_accuracy(adapter, pairs, pad_token_id, batch=8):
@@ -201,8 +183,8 @@ def main(pairs=200, held=50, cutoff_len=512, batch=8, lr=5e-5, max_steps=-1, arm
     for name in arms:
         (tmp / name).mkdir()
         t0 = time.time()
-        results[name] = child(name, tmp / name, pairs=pairs, cutoff_len=cutoff_len, batch=batch, lr=lr,
-                              max_steps=max_steps, ours_checkpointing=ours_checkpointing)
+        results[name] = child(name, tmp / name, __file__, pairs=pairs, cutoff_len=cutoff_len, batch=batch, lr=lr,
+                              max_steps=max_steps, ours_checkpointing=ours_checkpointing)[:2]
         print(f"  {name:5s} done in {time.time() - t0:.0f} s", flush=True)
     accuracy = {name: reward_accuracy(tmp / name / "adapter", held_pairs, tokenizer.pad_token_id) for name in results}
     plot({name: r[0]["losses"] for name, r in results.items()}, tmp / "loss_curves.png")

@@ -103,11 +103,12 @@ def run_arm(arm, out, records, cutoff_len, batch, lr, base_model):
     (out / "result.json").write_text(json.dumps({"tokens_per_second": clock.rate}))
 
 
-def child(arm, out, **kw):
-    """Run one arm in a child process, polling its peak RSS; returns (result, peak_rss_bytes, seconds)."""
+def child(arm, out, script=__file__, **kw):
+    """Run one arm of `script` (a bench taking --arm, --out and flags `kw`, writing out/result.json) in a child
+    process, polling its peak RSS; returns (result, peak_rss_bytes, seconds)."""
     import psutil
 
-    cmd = [sys.executable, __file__, "--arm", arm, "--out", str(out)] + [f"--{k}={v}" for k, v in kw.items()]
+    cmd = [sys.executable, script, "--arm", arm, "--out", str(out)] + [f"--{k}={v}" for k, v in kw.items()]
     t0, peak = time.time(), 0
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(Path(out) / "stderr.log", "w"))
     ps = psutil.Process(proc.pid)

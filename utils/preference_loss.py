@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.data import IGNORE
-from utils.fast.precision import compute_dtype
+from utils.fast.loss import _LinearCrossEntropy
 from utils.preference import PREF_LOSSES
 
 __all__ = ["PREF_LOSSES", "REFERENCE_FREE", "kto_loss", "pair_loss", "sequence_logps"]
@@ -104,41 +104,9 @@ def sequence_logps(logits, labels, sequence_index=None, head=None):
     sequence = sequence_index[:, 1:][targets_at].to(rows.device)
     count = int(sequence_index[:, -1].max()) + 1 if sequence_index.numel() else 0
     if head is not None:
-        token_logps = _LinearLogProbs.apply(rows, head.weight, targets)
+        token_logps = _LinearCrossEntropy.apply(rows, head.weight, targets, None, True)
     else:
         token_logps = torch.log_softmax(rows.float(), -1).gather(1, targets[:, None])[:, 0]
     sums = torch.zeros(count, dtype=token_logps.dtype, device=rows.device).index_add(0, sequence, token_logps)
     return sums, torch.bincount(sequence, minlength=count)
 
-
-class _LinearLogProbs(torch.autograd.Function):
-    """log softmax(hidden @ weight^T)[target] per row, without the (rows x vocabulary) logits: they exist one
-    block at a time, and each row's gradient with respect to its hidden state, (one-hot - softmax) @ weight, is
-    formed in the forward while its block exists; the backward scales it by the row's incoming gradient (as
-    utils/fast/loss.py's _LinearCrossEntropy does for a summed loss). The weight is frozen (project_in_loss)."""
-
-    BLOCK = 2**22  # logits per block
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets):
-        dtype = compute_dtype(hidden.device.type, weight.dtype)
-        rows = max(1, _LinearLogProbs.BLOCK // weight.shape[0])
-        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        with torch.autocast(hidden.device.type, enabled=False):
-            hidden, weight = hidden.to(dtype), weight.to(dtype)
-            grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-            for start in range(0, hidden.shape[0], rows):
-                block = slice(start, start + rows)
-                log_probs = torch.log_softmax((hidden[block] @ weight.t()).float(), -1)
-                out[block] = log_probs.gather(1, targets[block, None])[:, 0]
-                if grad is not None:
-                    probs = log_probs.exp_().neg_()
-                    probs.scatter_add_(1, targets[block, None], torch.ones_like(out[block, None]))
-                    grad[block] = probs.to(dtype) @ weight
-        ctx.save_for_backward(grad)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_out[:, None].to(grad.dtype), None, None

@@ -141,7 +141,6 @@ def save_run(output_dir, model, tokenizer, config, log_history, engine=None):
     output_dir together once every one is written. Every process calls it, and global rank 0 writes: under an
     `engine` that shards the weights (utils/distributed) all of them take part in gathering the LoRA weights."""
     from utils.distributed import whole_trainable_weights
-    from utils.errors import is_main_process
     from utils.lora import save_adapter
 
     with whole_trainable_weights(model, engine):

@@ -13,6 +13,7 @@ utils/records.py through worker processes that tokenize batches, so memory does 
 Training reads each example from the map when the data loader asks for it.
 """
 import collections
+import contextlib
 import copy
 import hashlib
 import itertools
@@ -253,8 +254,9 @@ def _build(folder, files, encoder, workers, max_samples, flag):
     try:
         batches = _batches(items, BATCH)
         results = _in_order(pool, batches, 2 * workers) if pool else (_encode_batch(b, encoder) for b in batches)
+        kto_labels = open(folder / "kto_labels.bin", "wb") if encoder.stage == "kto" else contextlib.nullcontext()
         with (open(folder / "ids.bin", "wb") as ids_file, open(folder / "mask.bin", "wb") as mask_file,
-              open(folder / "kto_labels.bin", "wb") as kto_file):
+              kto_labels as kto_file):
             for ids, mask, batch_lengths, batch_stats, kto in results:
                 ids.tofile(ids_file)
                 if kto is not None:
@@ -281,8 +283,6 @@ def _build(folder, files, encoder, workers, max_samples, flag):
     else:
         offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths) if lengths
                                                  else np.zeros(0, np.int64))]).astype(np.int64)
-    if encoder.stage != "kto":
-        (folder / "kto_labels.bin").unlink()
     np.save(folder / "offsets.npy", offsets)
     meta = {"version": STORE_VERSION, "stage": encoder.stage, "dtype": np.dtype(_ids_dtype(encoder.tokenizer)).name,
             "tokens": tokens, "examples": len(offsets) - 1, "stats": stats, "files": [str(f) for f in files],

@@ -67,13 +67,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     freed block of the same size (figures in bench/RESULTS.md). The logits' gradient,
     softmax minus one-hot, turns into the hidden states' gradient while its block exists, in the forward;
     the backward only scales it. The matmuls run in the head's dtype, or autocast's (as lm_head would),
-    the softmax in fp32.
+    the softmax in fp32. With `per_row_logps` it returns each row's log-probability of its target instead of
+    the summed loss (utils/preference_loss.sequence_logps sums them per sequence).
     """
 
     BLOCK = 2**23
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, workspace=None):
+    def forward(ctx, hidden, weight, targets, workspace=None, per_row_logps=False):
         device = hidden.device.type
         # the head's dtype, or autocast's, as lm_head would compute: Trainer calls the loss outside autocast,
         # with the hidden states converted to fp32 (accelerate's convert_outputs_to_fp32)
@@ -87,6 +88,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                               for t in (dtype, torch.float32, torch.float32)]
         logits, logits32, log_probs = workspace[key]
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        rows_out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device) if per_row_logps else None
         with torch.autocast(device, enabled=False):
             hidden, weight = hidden.to(dtype), weight.to(dtype)
             grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
@@ -95,15 +97,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 torch.mm(hidden[block], weight.t(), out=logits[:n])
                 torch.log_softmax(logits32[:n].copy_(logits[:n]), -1, out=log_probs[:n])
                 picked = log_probs[:n].gather(1, targets[block, None])
-                loss -= picked.sum()
+                if per_row_logps:
+                    rows_out[block] = picked[:, 0]
+                else:
+                    loss -= picked.sum()
                 if grad is not None:
                     probs = log_probs[:n].exp_()
                     probs.scatter_add_(1, targets[block, None], torch.full_like(picked, -1.0))
                     torch.mm(logits[:n].copy_(probs), weight, out=grad[block])
         ctx.save_for_backward(grad)
-        return loss
+        ctx.per_row_logps = per_row_logps
+        return rows_out if per_row_logps else loss
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_loss.to(grad.dtype), None, None, None
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors  # the loss's gradient: a row's log-prob has its negative
+        scale = -grad_out[:, None] if ctx.per_row_logps else grad_out
+        return grad * scale.to(grad.dtype), None, None, None, None
