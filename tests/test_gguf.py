@@ -106,8 +106,8 @@ def test_builtin_export_equals_llama_cpp_own_conversion(tmp_path, smollm2_dir):
                 "llama.context_length", "llama.rope.freq_base", "llama.attention.head_count_kv",
                 "llama.attention.layer_norm_rms_epsilon", "llama.rope.dimension_count", "llama.vocab_size"):
         assert ours[key] == ref[key], key
-    # The HF tokenizer.json of the built-in folder has no digit splitting, so its llama.cpp name is gpt-2, not smollm.
-    assert ours["tokenizer.ggml.pre"] == "gpt-2"
+    # The built-in conversion restores SmolLM2's own split (digits isolated), which llama.cpp calls smollm.
+    assert ours["tokenizer.ggml.pre"] == ref["tokenizer.ggml.pre"] == "smollm"
     # what llama.cpp's converter writes besides: names from the folder name, the size from the parameter count
     for key in ("general.type", "general.basename", "general.size_label"):
         assert ours[key].lower() == ref[key].lower(), key

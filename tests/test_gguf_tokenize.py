@@ -71,35 +71,34 @@ def compare(family, folder, tokenizer, text, tmp_path):
 
 
 def test_builtin_smollm2(tmp_path, tiny_model_dir, tokenizer):
-    """The built-in model's tokenizer (the tiny LLaMA fixture carries it unchanged). As converted from the model
-    package's GGUF it splits as GPT-2 does (transformers maps no `smollm` pre-tokenizer), which we write as gpt-2;
-    were digits isolated first, as in SmolLM2's own tokenizer.json, we would write smollm (the next test)."""
+    """The built-in model's tokenizer (the tiny LLaMA fixture carries it unchanged). The built-in conversion gives it
+    SmolLM2's own split, every digit isolated before GPT-2's (transformers does not derive it from the package's
+    GGUF), which llama.cpp calls smollm."""
     got, want, pre = compare("SmolLM2 (built-in)", tiny_model_dir, tokenizer, chat("<|im_start|>", "<|im_end|>"),
                              tmp_path)
-    digits_first = "Digits" in json.dumps(json.loads((tiny_model_dir / "tokenizer.json").read_text())["pre_tokenizer"])
-    assert pre == ("smollm" if digits_first else "gpt-2") and got == want
+    assert pre == "smollm" and got == want
 
 
-def test_smollm2_with_digits_isolated(tmp_path, tiny_model_dir, tokenizer):
-    """SmolLM2's vocabulary with the pre-tokenizer llama.cpp added `smollm` for (SmolLM's tokenizer.json: every
-    digit isolated, then GPT-2's split): also exact. It differs from the built-in one (GPT-2's split alone)
-    where whitespace precedes a digit ("\\n\\n1" is one token before the digit there, two here)."""
+def test_smollm2_with_gpt2_split(tmp_path, tiny_model_dir, tokenizer):
+    """SmolLM2's vocabulary with GPT-2's split alone, the pre-tokenizer transformers derives from the package's GGUF
+    (which the built-in conversion replaces): written as gpt-2, also exact in llama.cpp. It differs from SmolLM2's
+    own split where a digit follows a whitespace run ("\\n\\n1" is two tokens in SmolLM2's, three in GPT-2's)."""
     from tokenizers import pre_tokenizers
 
-    folder = tmp_path / "smollm2-digits"
+    folder = tmp_path / "smollm2-gpt2"
     shutil.copytree(tiny_model_dir, folder)
     hf = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
-    hf["pre_tokenizer"] = json.loads(pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)]).__getstate__())
+    hf["pre_tokenizer"] = json.loads(pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True,
+                                                              use_regex=True).__getstate__())
     (folder / "tokenizer.json").write_text(json.dumps(hf, ensure_ascii=False), encoding="utf-8")
     from utils.model import load_tokenizer
 
-    digits = load_tokenizer(folder)
-    got, want, pre = compare("SmolLM2, digits isolated (smollm)", folder, digits, chat("<|im_start|>", "<|im_end|>"),
+    gpt2 = load_tokenizer(folder)
+    got, want, pre = compare("SmolLM2, GPT-2's split (gpt-2)", folder, gpt2, chat("<|im_start|>", "<|im_end|>"),
                              tmp_path)
-    assert pre == "smollm" and got == want
-    assert digits("\n\n1", add_special_tokens=False).input_ids != tokenizer("\n\n1", add_special_tokens=False).input_ids
+    assert pre == "gpt-2" and got == want
+    assert len(tokenizer("\n\n1", add_special_tokens=False).input_ids) == 2
+    assert len(gpt2("\n\n1", add_special_tokens=False).input_ids) == 3
 
 
 @pytest.mark.parametrize("legacy", [True, False])
@@ -172,3 +171,19 @@ def test_byte_level_bpe_with_split_regex(tmp_path, style):
     got, want, pre = compare(f"byte-level BPE ({style} style)", folder, tokenizer,
                              chat("<|im_start|>", "<|im_end|>", bos="<|begin_of_text|>"), tmp_path)
     assert pre == {"llama3": "llama-bpe", "qwen2": "qwen2"}[style] and got == want
+
+
+def test_builtin_cache_from_an_older_conversion_is_converted_again(tmp_path, monkeypatch, smollm2_dir):
+    """A cached built-in folder without the current conversion's marker (one converted with GPT-2's split alone) is
+    replaced, so users upgrading train, chat and export with SmolLM2's own tokenization."""
+    from utils.model import BUILTIN_CONVERSION, builtin_path
+
+    monkeypatch.setenv("LORA_KIT_CACHE", str(tmp_path))
+    old = tmp_path / "smollm2-135m-instruct"
+    shutil.copytree(smollm2_dir, old)
+    (old / "lora-kit-conversion.txt").unlink()
+    (old / "stale.txt").write_text("from the older conversion")
+    assert builtin_path() == old
+    assert (old / "lora-kit-conversion.txt").read_text().strip() == BUILTIN_CONVERSION
+    assert not (old / "stale.txt").exists() and not list(tmp_path.glob(".old-*")) + list(tmp_path.glob(".tmp-*"))
+    assert "Digits" in json.dumps(json.loads((old / "tokenizer.json").read_text())["pre_tokenizer"])

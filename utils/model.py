@@ -35,6 +35,12 @@ def _builtin_gguf():
     return path
 
 
+# What the conversion of the built-in model does; a cached folder converted otherwise is converted again.
+# 2: SmolLM2's own pre-tokenizer (every digit isolated, then GPT-2's byte-level split), which transformers does not
+#    derive from the GGUF (it gives GPT-2's split alone, so "\n\n1" or "2024" tokenized unlike pretraining).
+BUILTIN_CONVERSION = "2"
+
+
 def builtin_path():
     """The cached HF folder of the built-in model, converting the GGUF on first use.
 
@@ -42,19 +48,25 @@ def builtin_path():
     file lock, so concurrent processes (torchrun ranks, two terminals) never see a half-written cache.
     """
     target = cache_dir() / "smollm2-135m-instruct"
-    if (target / "config.json").is_file():
+    marker = target / "lora-kit-conversion.txt"
+    if marker.is_file() and marker.read_text().strip() == BUILTIN_CONVERSION:
         return target
     gguf = _builtin_gguf()
     with locked(cache_dir() / ".smollm2.lock"):
-        if (target / "config.json").is_file():
+        if marker.is_file() and marker.read_text().strip() == BUILTIN_CONVERSION:
             return target
         import torch
+        from tokenizers import pre_tokenizers
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         print(f"Converting the built-in model once into {target} (about 30 s) ...", flush=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-smollm2-", dir=target.parent))
+        old = target.parent / f".old-smollm2-{os.getpid()}"
         try:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
             # transformers marks a GGUF-loaded model as quantized and refuses to save it; its weights are
             # already dequantized to fp32, so the quantizer state is dropped before saving.
@@ -66,9 +78,13 @@ def builtin_path():
             model.generation_config.eos_token_id = tokenizer.eos_token_id
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            (tmp / marker.name).write_text(BUILTIN_CONVERSION + "\n")
+            if target.exists():  # an earlier conversion: moved aside (processes reading it keep their open files)
+                os.replace(target, old)
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
     return target
 
 
