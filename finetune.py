@@ -121,7 +121,7 @@ def main(
         "local_files_only", "train_on_inputs", "dry_run", "data_cache", "use_8bit", "use_4bit", "packing",
         "overwrite_output_dir", "trust_remote_code"))
     stage, pref_loss, pref_beta, simpo_gamma, adapter = preference_flags(
-        c, stage, pref_loss, pref_beta, simpo_gamma, lora_model, (data_path, val_data_path))
+        c, stage, pref_loss, pref_beta, simpo_gamma, lora_model, (data_path, val_data_path), train_on_inputs)
     precision = c.choice("precision", precision, ("auto", "bf16", "fp16", "fp32"))
     lr_scheduler_type = c.choice("lr_scheduler_type", lr_scheduler_type, SCHEDULERS)
     cutoff_len, block_size = c.integer("cutoff_len", cutoff_len, 1), c.integer("block_size", block_size, 2)
@@ -130,7 +130,7 @@ def main(
     logging_steps, save_steps = c.integer("logging_steps", logging_steps, 1), c.integer("save_steps", save_steps, 1)
     save_total_limit = c.integer("save_total_limit", save_total_limit, 1, none=True)
     eval_steps = c.integer("eval_steps", eval_steps, 1, none=True)
-    max_samples = c.integer("max_samples", max_samples, 1, none=True)
+    max_samples = flags["max_samples"] = c.integer("max_samples", max_samples, 1, none=True)  # as checked
     preprocessing_num_workers = c.integer("preprocessing_num_workers", preprocessing_num_workers, 1, none=True)
     max_steps, seed = c.integer("max_steps", max_steps, -1), c.integer("seed", seed, 0)
     c.add("--max_steps must be -1 (train --num_epochs) or above 0, got 0" if max_steps == 0 else None)
@@ -153,7 +153,7 @@ def main(
     data_path = flags["data_path"] = str(PREF_DEMO) if stage == "dpo" and data_path == str(DEMO_DATA) else data_path
     report_to = c.call(report_to_list, report_to, default=[])
     optim, max_grad_norm = c.choice("optim", optim, OPTIMIZERS), c.number("max_grad_norm", max_grad_norm, 0)
-    c.add(sharding_problem(deepspeed := c.call(deepspeed_config, deepspeed), bits))
+    c.add(sharding_problem(deepspeed := c.call(deepspeed_config, deepspeed), bits, stage))
     c.done()
     out, say = Path(output_dir), print if is_main_process() else (lambda *a, **k: None)
 
@@ -187,7 +187,7 @@ def main(
     from transformers import Trainer, TrainingArguments, set_seed
 
     from utils.fast import causal_lm_loss
-    from utils.preference_training import check_engine, preference_trainer
+    from utils.preference_training import preference_trainer
     from utils.train import auto_epochs, lora_for_training, run_loss_callback, throughput_callback
 
     set_seed(seed)
@@ -206,7 +206,7 @@ def main(
         fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16, report_to=report_to or "none",
         remove_unused_columns=False, ddp_find_unused_parameters=False,
         include_num_input_tokens_seen="all" if packing else "non_padding")  # a packed row has no padding
-    sharding = check_engine(stage, engine(args))  # zero3, fsdp2 shard the weights: the fast path steps aside there
+    sharding = engine(args)  # zero3, fsdp2 shard the weights: the fast path steps aside there
     lora = dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=targets, modules_to_save=to_save)
     length = block_size if stage == "pt" else cutoff_len * (1 + (stage == "dpo"))  # dpo: a pair's row
     model, head, gradient_checkpointing, banner = lora_for_training(

@@ -6,12 +6,17 @@
 Both arms train the same LoRA (r=8, alpha 16, no dropout, the 7 projections) with DPO (sigmoid, beta 0.1) for
 one epoch at the same learning rate, batch and schedule, each in its own child process; peak RSS is polled from
 outside. TRL runs at its defaults otherwise: padded batches, activation checkpointing on (DPOConfig's default),
-and with a PEFT model the reference is the adapter-disabled model, a forward per step. Ours packs each batch into
+bf16 autocast (its default, also on CPUs), and with a PEFT model the reference is the adapter-disabled model, a
+forward per step. Ours runs at its own default precision (bf16 weights on a CPU with AVX512-BF16 or AMX, else
+fp32), packs each batch into
 one row, computes the reference log-probs once before training, and recomputes activations only where they would
 not fit (--gradient_checkpointing=auto; --ours_checkpointing=True matches TRL's).
 
-Tokens/s: the real tokens of the training pairs (prompt + chosen, prompt + rejected, counted by one tokenizer)
-over the time from the first step to the last, our reference pass included. The held-back reward accuracy is
+Both arms get the same first 200 records, and each keeps what its own rules keep: TRL drops a pair whose prompt
+alone fills max_length (= our cutoff_len) and cuts prompt + answer at max_length; ours keeps every pair, cutting the
+shared prompt first. So each arm reports the pairs it trained on, and its tokens/s counts its own real tokens (prompt
++ chosen, prompt + rejected, after its truncation) over the time from the first step to the last, our reference
+pass included. The held-back reward accuracy is
 computed afterwards by one piece of code for both adapters (fp32, padded): the share of held-back pairs whose
 chosen answer gains more log-probability over the base model than the rejected one.
 Needs ../shared/data/dpo_en_demo.json and TRL (requirements-dev.txt); skips with a message without either.
@@ -59,7 +64,7 @@ def trl_rows(records):
     return rows
 
 
-def run_arm(arm, out, records, cutoff_len, batch, lr, max_steps, ours_checkpointing):
+def run_arm(arm, out, records, cutoff_len, batch, lr, max_steps, ours_checkpointing, seed):
     """One arm, in this (child) process; writes {seconds, losses} to out/result.json and the adapter to
     out/adapter."""
     import torch
@@ -74,12 +79,15 @@ def run_arm(arm, out, records, cutoff_len, batch, lr, max_steps, ours_checkpoint
         finetune.main(stage="dpo", data_path=str(data), output_dir=str(out / "adapter"), num_epochs=1,
                       max_steps=max_steps, per_device_train_batch_size=batch, learning_rate=lr, cutoff_len=cutoff_len,
                       lora_dropout=0.0, pref_beta=0.1, save_steps=steps, logging_steps=1, data_cache=False,
-                      report=False, gradient_checkpointing=ours_checkpointing)
+                      report=False, gradient_checkpointing=ours_checkpointing, seed=seed)
         config = json.loads((out / "adapter" / "run_config.json").read_text())
         history = json.loads((out / "adapter" / f"checkpoint-{steps}" / "trainer_state.json").read_text())
         history = history["log_history"]
-        seconds = next(h["train_runtime"] for h in history if "train_runtime" in h)
+        seconds = [h["train_runtime"] for h in history if "train_runtime" in h][-1]  # ours logs it every step
         seconds += config["preference"]["reference_seconds"]
+        pairs, _ = encoded(records, cutoff_len)  # what our encoder trains on: every pair, the prompt cut first
+        trained = len(pairs)
+        tokens = sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
     else:
         from datasets import Dataset
         from peft import LoraConfig
@@ -92,18 +100,25 @@ def run_arm(arm, out, records, cutoff_len, batch, lr, max_steps, ours_checkpoint
         model = AutoModelForCausalLM.from_pretrained(builtin_path(), dtype=torch.float32)
         args = DPOConfig(output_dir=str(out / "adapter"), per_device_train_batch_size=batch, num_train_epochs=1,
                          max_steps=max_steps, learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=0.03,
-                         logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=42, beta=0.1,
+                         logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=seed, beta=0.1,
                          max_length=cutoff_len)
         trainer = DPOTrainer(model=model, args=args, processing_class=tokenizer,
                              train_dataset=Dataset.from_list(trl_rows(records)),
                              peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=PROJECTIONS,
                                                     task_type="CAUSAL_LM"))
+        # what TRL trains on: it drops a pair whose prompt alone fills max_length, and cuts prompt + answer there
+        kept = trainer.train_dataset
+        trained, tokens = len(kept), sum(min(len(p) + len(a), cutoff_len) for p, c, r in zip(
+            kept["prompt_ids"], kept["chosen_ids"], kept["rejected_ids"]) for a in (c, r))
         trainer.train()
         trainer.model.save_pretrained(out / "adapter")
         history = trainer.state.log_history
         seconds = next(h["train_runtime"] for h in history if "train_runtime" in h)
     losses = [h["loss"] for h in history if "loss" in h]
-    (out / "result.json").write_text(json.dumps({"seconds": seconds, "losses": losses}))
+    steps = sum(1 for h in history if "loss" in h)
+    tokens = round(tokens * min(1.0, steps * batch / trained))  # a smoke run's share of the epoch
+    (out / "result.json").write_text(json.dumps({"seconds": seconds, "losses": losses, "tokens": tokens,
+                                                 "pairs": trained, "steps": steps}))
 
 
 def reward_accuracy(adapter, pairs, pad_token_id, batch=8):
@@ -151,10 +166,11 @@ def plot(curves, path):
 
 
 def main(pairs=200, held=50, cutoff_len=512, batch=8, lr=5e-5, max_steps=-1, arms="trl,ours",
-         ours_checkpointing="auto", arm=None, out=None):
+         ours_checkpointing="auto", seed=42, arm=None, out=None):
     """Args: pairs (trained on), held (held back for the reward accuracy), cutoff_len, batch, lr: the setting.
     max_steps: stop each arm after this many steps (a smoke run; -1: one epoch). arms: trl, ours or both (the
-    targets need both). ours_checkpointing: our --gradient_checkpointing (auto, True, False). arm, out: internal
+    targets need both). ours_checkpointing: our --gradient_checkpointing (auto, True, False). seed: both arms' seed
+    (LoRA init, shuffling). arm, out: internal
     (a child)."""
     import importlib.util
 
@@ -169,37 +185,37 @@ def main(pairs=200, held=50, cutoff_len=512, batch=8, lr=5e-5, max_steps=-1, arm
         return
     data = json.loads(DATA.read_text(encoding="utf-8"))
     if arm:
-        return run_arm(arm, out, data[:pairs], cutoff_len, batch, lr, max_steps, ours_checkpointing)
+        return run_arm(arm, out, data[:pairs], cutoff_len, batch, lr, max_steps, ours_checkpointing, seed)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     tmp = Path(tempfile.mkdtemp(prefix="pref-bench-"))
-    train_pairs, tokenizer = encoded(data[:pairs], cutoff_len)
+    _, tokenizer = encoded(data[:pairs], cutoff_len)
     held_pairs, _ = encoded(data[pairs:pairs + held], cutoff_len)
-    tokens = sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in train_pairs)
-    steps = min(math.ceil(len(train_pairs) / batch), max_steps if max_steps > 0 else 10**9)
-    tokens *= steps / math.ceil(len(train_pairs) / batch)  # the share of the epoch the arms train
     results = {}
     for name in arms:
         (tmp / name).mkdir()
         t0 = time.time()
         results[name] = child(name, tmp / name, __file__, pairs=pairs, cutoff_len=cutoff_len, batch=batch, lr=lr,
-                              max_steps=max_steps, ours_checkpointing=ours_checkpointing)[:2]
+                              max_steps=max_steps, ours_checkpointing=ours_checkpointing, seed=seed)[:2]
         print(f"  {name:5s} done in {time.time() - t0:.0f} s", flush=True)
     accuracy = {name: reward_accuracy(tmp / name / "adapter", held_pairs, tokenizer.pad_token_id) for name in results}
     plot({name: r[0]["losses"] for name, r in results.items()}, tmp / "loss_curves.png")
-    print(f"\n{len(train_pairs)} dpo_en_demo pairs ({steps} steps of {batch}), {len(held_pairs)} held back, cutoff "
-          f"{cutoff_len}, lr {lr}, DPO beta 0.1, LoRA r=8 on 7 projections, built-in SmolLM2-135M, fp32 CPU")
-    print(f"{'arm':6s} {'tokens/s':>9s} {'peak RSS':>9s} {'held-back reward acc.':>22s}  loss: first, last 5 mean")
+    print(f"\nthe first {pairs} dpo_en_demo pairs, {len(held_pairs)} held back, cutoff {cutoff_len}, batch {batch}, "
+          f"lr {lr}, DPO beta 0.1, LoRA r=8 on 7 projections, built-in SmolLM2-135M, each arm's default precision")
+    print(f"{'arm':6s} {'pairs':>5s} {'steps':>5s} {'tokens':>7s} {'tokens/s':>9s} {'peak RSS':>9s} "
+          f"{'held-back reward acc.':>22s}  loss: first, last 5 mean")
     for name, (result, rss) in results.items():
         losses = result["losses"]
-        print(f"{name:6s} {tokens / result['seconds']:9.1f} {rss / 2**30:7.2f} GB {accuracy[name]:21.1%}   "
+        print(f"{name:6s} {result['pairs']:5d} {result['steps']:5d} {result['tokens']:7d} "
+              f"{result['tokens'] / result['seconds']:9.1f} {rss / 2**30:7.2f} GB {accuracy[name]:21.1%}   "
               f"{losses[0]:.4f}, {sum(losses[-5:]) / len(losses[-5:]):.4f}")
     print(f"loss curves: {tmp / 'loss_curves.png'}; per-step losses in {tmp}/*/result.json")
     if len(results) < 2:
         return
     (ours, ours_rss), (trl, trl_rss) = results["ours"], results["trl"]
-    speed, memory = trl["seconds"] / ours["seconds"], ours_rss / trl_rss
+    speed = (ours["tokens"] / ours["seconds"]) / (trl["tokens"] / trl["seconds"])
+    memory = ours_rss / trl_rss
     gap = accuracy["trl"] - accuracy["ours"]
     print(f"\ntargets: peak RSS <= 0.7x TRL's: {memory:.2f}x {'met' if memory <= 0.7 else 'NOT met'};  "
           f"throughput >= 1.5x TRL's: {speed:.2f}x {'met' if speed >= 1.5 else 'NOT met'};  "

@@ -339,6 +339,12 @@ FINETUNE = [
     row("finetune-deepspeed-8bit", ft("--deepspeed=zero3", "--use_8bit"),
         r"--use_8bit cannot be sharded by FSDP or DeepSpeed; use --use_4bit \(QLoRA, sharded in the compute dtype\) "
         r"or a 16-bit base"),
+    row("finetune-dpo-zero3", ft("--stage=dpo", "--deepspeed=zero3"),
+        r"--stage=dpo does not run under ZeRO-3 yet \(its reference pass reads whole weights before training\); "
+        r"use --deepspeed=zero2, or torchrun without --deepspeed"),
+    row("finetune-dpo-train-on-inputs", ft("--stage=dpo", "--train_on_inputs"),
+        r"--train_on_inputs is for SFT: preference losses compare two answers to one prompt and never train on the "
+        r"prompt; leave it out with --stage=dpo"),
     row("finetune-optim-bogus", ft("--optim=lion"), r"--optim must be one of adamw_torch, .*sgd, got 'lion'"),
     row("finetune-max-grad-norm-negative", ft("--max_grad_norm=-1"), r"--max_grad_norm must be at least 0, got -1"),
     row("finetune-config-missing", ft("--config={tmp}/recipe.yaml"),

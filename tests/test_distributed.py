@@ -176,7 +176,7 @@ def test_shipped_configs_name_a_zero_stage_and_leave_sizes_to_the_trainer():
     assert fsdp["distributed_type"] == "FSDP" and fsdp["fsdp_config"]["fsdp_version"] == 2
 
 
-def test_fsdp1_and_two_engines_are_refused(monkeypatch):
+def test_fsdp1_two_engines_and_sharded_dpo_are_refused(monkeypatch):
     from utils.distributed import sharding_problem
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
@@ -186,6 +186,12 @@ def test_fsdp1_and_two_engines_are_refused(monkeypatch):
     assert sharding_problem(None, 16) is None
     assert sharding_problem("zero3.json", 16).startswith("--deepspeed and an accelerate FSDP config exclude")
     assert sharding_problem(None, 8).startswith("--use_8bit cannot be sharded")
+    assert sharding_problem(None, 16, "dpo").startswith("--stage=dpo does not run under FSDP2 yet")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    configs = ROOT / "configs" / "deepspeed"
+    assert sharding_problem(str(configs / "zero3.json"), 16, "dpo").startswith("--stage=dpo does not run under ZeRO-3")
+    assert sharding_problem(str(configs / "zero2.json"), 16, "dpo") is None
+    assert sharding_problem(str(configs / "zero3.json"), 16, "sft") is None
 
 
 def test_sharded_qlora_stores_4bit_weights_in_the_compute_dtype():

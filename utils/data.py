@@ -196,27 +196,33 @@ def _histogram(lengths):
 def summary(examples, stats, tokenizer):
     """Lines describing the dataset: counts, a token-length histogram, and one example with its mask shown.
     `examples` is a TokenStore (or anything with lengths() and example(i))."""
-    import numpy as np
-
     lengths = examples.lengths()
-    lines = [
+    return "\n".join([
         f"records read: {stats['records']:,}, kept: {len(lengths):,}, truncated: {stats['truncated']:,}, dropped "
         f"(nothing left to train on): {stats['dropped']:,}",
-        f"tokens per example: min {lengths.min()}, median {int(np.median(lengths))}, "
-        f"p95 {int(np.percentile(lengths, 95, method='lower'))}, "
-        f"max {lengths.max()}; total {int(lengths.sum()):,}; supervised tokens: {stats['supervised_tokens']:,}",
-        "length histogram (tokens per example, count, share):",
-        *_histogram(lengths),
-        "example 1 ([-] masked from the loss, [+] trained on):",
-    ]
-    ex = examples[0]
-    ids, masked = list(ex["input_ids"]), [int(label) == IGNORE for label in ex["labels"]]
-    run_start = 0
+        *length_lines(lengths, stats, "example"),
+        *mask_lines(examples[0], tokenizer, "example 1 ([-] masked from the loss, [+] trained on):")])
+
+
+def length_lines(lengths, stats, unit):
+    """summary's token-length lines: the spread of `lengths` (tokens per `unit`) and its histogram."""
+    import numpy as np
+
+    return [f"tokens per {unit}: min {lengths.min()}, median {int(np.median(lengths))}, "
+            f"p95 {int(np.percentile(lengths, 95, method='lower'))}, "
+            f"max {lengths.max()}; total {int(lengths.sum()):,}; supervised tokens: {stats['supervised_tokens']:,}",
+            f"length histogram (tokens per {unit.split(' (')[0]}, count, share):", *_histogram(lengths)]
+
+
+def mask_lines(example, tokenizer, title):
+    """`title`, then the example's text in runs, each marked [-] (masked from the loss) or [+] (trained on)."""
+    ids, masked = list(example["input_ids"]), [int(label) == IGNORE for label in example["labels"]]
+    lines, run_start = [title], 0
     for i in range(1, len(ids) + 1):
         if i == len(ids) or masked[i] != masked[run_start]:
             lines.append(f"  [{'-' if masked[run_start] else '+'}] {tokenizer.decode(ids[run_start:i])!r}")
             run_start = i
-    return "\n".join(lines)
+    return lines
 
 
 class Collator:

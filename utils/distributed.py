@@ -57,9 +57,9 @@ def launched_fsdp_version():
     return int(os.environ.get("FSDP_VERSION", "1"))
 
 
-def sharding_problem(deepspeed, bits):
+def sharding_problem(deepspeed, bits, stage="sft"):
     """What keeps --deepspeed (a checked path, or None) or an accelerate FSDP launch from running with this
-    base, as one sentence; None when nothing does."""
+    base and --stage, as one sentence; None when nothing does."""
     fsdp = launched_fsdp_version()
     if deepspeed and fsdp:
         return "--deepspeed and an accelerate FSDP config exclude each other; pick one engine"
@@ -69,6 +69,11 @@ def sharding_problem(deepspeed, bits):
     if bits == 8 and (fsdp or deepspeed):
         return ("--use_8bit cannot be sharded by FSDP or DeepSpeed; use --use_4bit (QLoRA, sharded in the "
                 "compute dtype) or a 16-bit base")
+    zero = json.loads(Path(deepspeed).read_text(encoding="utf-8")).get("zero_optimization", {}) if deepspeed else {}
+    if stage == "dpo" and (fsdp or zero.get("stage") == 3):
+        # the reference pass runs before the engine has wrapped the model, when a rank holds only its shards
+        return (f"--stage=dpo does not run under {'FSDP2' if fsdp else 'ZeRO-3'} yet (its reference pass reads "
+                "whole weights before training); use --deepspeed=zero2, or torchrun without --deepspeed")
     return None
 
 

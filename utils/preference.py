@@ -39,10 +39,10 @@ PREF_DEMO = Path(__file__).resolve().parent.parent / "data" / "pref_demo.json"  
 LAYOUTS = 'a prompt ("conversations", "messages", "prompt" or "instruction") with a "chosen" and a "rejected" answer'
 
 
-def preference_flags(c, stage, pref_loss, pref_beta, simpo_gamma, lora_model, data_paths=()):
+def preference_flags(c, stage, pref_loss, pref_beta, simpo_gamma, lora_model, data_paths=(), train_on_inputs=False):
     """finetune's --stage (sft, pt or dpo), --pref_loss, --pref_beta, --simpo_gamma and --lora_model (the
     adapter folder it names, or None), checked into `c` (a utils.flags.Checks); under --stage dpo the
-    `data_paths` (--data_path, --val_data_path) must not name .txt files."""
+    `data_paths` (--data_path, --val_data_path) must not name .txt files, and --train_on_inputs is refused."""
     from utils.run_folder import find_adapter
 
     adapter = c.call(find_adapter, lora_model) if c.text("lora_model", lora_model) else None
@@ -51,6 +51,8 @@ def preference_flags(c, stage, pref_loss, pref_beta, simpo_gamma, lora_model, da
         if value != default]
     c.add(f"{', '.join(given)}: preference training flags, used only with --stage=dpo; add --stage=dpo or leave "
           "them out" if given and stage != "dpo" else None)
+    c.add("--train_on_inputs is for SFT: preference losses compare two answers to one prompt and never train on "
+          "the prompt; leave it out with --stage=dpo" if train_on_inputs is True and stage == "dpo" else None)
     for flag, value in (("data_path", data_paths[0]), ("val_data_path", data_paths[1])) if data_paths else ():
         parts = value if isinstance(value, (list, tuple)) else str(value or "").split(",")
         text = [p for p in map(str, parts) if p.strip().endswith(".txt")]
@@ -373,15 +375,15 @@ class Pairs:
 def pair_summary(pairs, stats, tokenizer):
     """utils.data.summary's lines for Pairs: counted in pairs, lengths per sequence, and the first pair's chosen
     example with its mask, then its rejected answer."""
-    from utils.data import summary
+    from utils.data import length_lines, mask_lines
 
-    lines = summary(pairs.examples, stats, tokenizer).splitlines()
-    lines[0] = (f"pairs read: {stats['records']:,}, kept: {len(pairs):,}, truncated: {stats['truncated']:,}, "
-                f"dropped (nothing left to compare): {stats['dropped']:,}")
-    lines[1] = lines[1].replace("tokens per example", "tokens per sequence (prompt + chosen or rejected answer)")
-    lines[lines.index("example 1 ([-] masked from the loss, [+] trained on):")] = \
-        "pair 1, its chosen answer ([-] masked from the loss, [+] trained on), then its rejected answer:"
-    return "\n".join(lines + [f"  [+] {tokenizer.decode(pairs[0]['rejected_ids'])!r}"])
+    return "\n".join([
+        f"pairs read: {stats['records']:,}, kept: {len(pairs):,}, truncated: {stats['truncated']:,}, "
+        f"dropped (nothing left to compare): {stats['dropped']:,}",
+        *length_lines(pairs.examples.lengths(), stats, "sequence (prompt + chosen or rejected answer)"),
+        *mask_lines(pairs.examples[0], tokenizer,
+                    "pair 1, its chosen answer ([-] masked from the loss, [+] trained on), then its rejected answer:"),
+        f"  [+] {tokenizer.decode(pairs[0]['rejected_ids'])!r}"])
 
 
 class PairCollator:

@@ -150,18 +150,6 @@ class PreferenceTrainer(Trainer):
         self.pref["reference_seconds"] = round(time.perf_counter() - started, 2)
 
 
-def check_engine(stage, sharding):
-    """`sharding` (utils/distributed.engine), refused for --stage dpo where it shards the weights: the reference
-    pass runs before the engine has wrapped the model, when a rank holds only its shard of each weight."""
-    from utils.distributed import shards_weights
-    from utils.errors import UserError
-
-    if stage == "dpo" and shards_weights(sharding):
-        raise UserError(f"--stage=dpo does not run under {sharding} yet (its reference pass reads whole weights "
-                        "before training); use --deepspeed=zero2, or torchrun without --deepspeed.")
-    return sharding
-
-
 def preference_trainer(settings, model, args, train, val, pad_token_id, packing, head, callbacks):
     """A PreferenceTrainer on `train` and `val` (Pairs, or a KTO TokenStore), its reference log-probs computed
     now. `settings`: (--pref_loss, --pref_beta, --simpo_gamma, the continued adapter's folder or None); the

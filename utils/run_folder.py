@@ -168,8 +168,7 @@ def run_config(base_model, model_path, settings, flags, bits, dtype, trust_remot
         "train_on_inputs": settings["train_on_inputs"], "bits": bits, "dtype": str(dtype).replace("torch.", ""),
         "trust_remote_code": trust_remote_code, "lora": lora, "flags": recorded_flags(flags),
         **({"preference": preference} if preference else {}),
-        "data": {"path": str(flags["data_path"]), **data.stats, "max_samples": None if flags["max_samples"] is None
-                 else int(float(flags["max_samples"])),  # as checked
+        "data": {"path": str(flags["data_path"]), **data.stats, "max_samples": flags["max_samples"],
                  "train_examples": len(train), "validation_examples": len(val or ()),
                  "tokens_min": int(data.lengths().min()), "tokens_max": int(data.lengths().max()),
                  "train_tokens": int(train.lengths().sum())},
