@@ -41,13 +41,12 @@ def main(
     cutoff_len: int = 512, block_size: int = 512, val_set_size: float = 0, val_data_path: str = None,
     train_on_inputs: bool = False, max_samples: int = None, dry_run: bool = False, data_cache: bool = True,
     preprocessing_num_workers: int = None, pref_loss: str = "dpo", pref_beta: float = 0.1, simpo_gamma: float = 0.5,
+    pref_ftx: float = 0.0,
     # LoRA
     lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0, lora_target_modules="auto", modules_to_save=None,
-    # quantization and precision
-    use_8bit: bool = False, use_4bit: bool = False, bits: int = 16, precision: str = "auto",
-    # training
-    per_device_train_batch_size: int = 8, gradient_accumulation_steps: int = 1, num_epochs="auto",
-    max_steps: int = -1, learning_rate: float = 5e-4, lr_scheduler_type: str = "cosine", warmup_ratio: float = 0.03,
+    use_8bit: bool = False, use_4bit: bool = False, bits: int = 16, precision: str = "auto",  # quantization, precision
+    per_device_train_batch_size: int = 8, gradient_accumulation_steps: int = 1, num_epochs="auto",  # training
+    max_steps: int = -1, learning_rate: float = None, lr_scheduler_type: str = "cosine", warmup_ratio: float = 0.03,
     weight_decay: float = 0.0, logging_steps: int = 5, save_steps: int = 200, save_total_limit: int = 3,
     eval_steps: int = None, gradient_checkpointing="auto", packing: bool = True, seed: int = 42,
     resume_from_checkpoint=None, overwrite_output_dir: bool = False, report: bool = True, probe_prompts=None,
@@ -86,7 +85,7 @@ def main(
         gradient_accumulation_steps: steps accumulated per optimizer update.
         num_epochs: passes over the data; auto: 3, more for small data (at least 75 updates, at most 10).
         max_steps: stop after this many optimizer updates (-1: use num_epochs).
-        learning_rate: peak learning rate.
+        learning_rate: peak learning rate; default 5e-4, or 2e-4 with --stage=dpo (README).
         lr_scheduler_type: linear, cosine, cosine_with_restarts, polynomial, constant[_with_warmup], inverse_sqrt.
         warmup_ratio: fraction of the updates spent warming up.
         weight_decay: AdamW weight decay.
@@ -109,6 +108,7 @@ def main(
         pref_loss: --stage dpo's loss: dpo, ipo, orpo, simpo (no reference model), kto (unpaired, labelled answers).
         pref_beta: the preference loss's beta (orpo: the weight of its odds-ratio term).
         simpo_gamma: SimPO's target reward margin.
+        pref_ftx: with dpo, ipo, simpo: the weight of an added NLL of the chosen answers (LLaMA-Factory's name).
     """
     flags = dict(locals())  # recorded in run_config.json, for --config
     # --- check the arguments, all at once ---------------------------------------------------------
@@ -120,22 +120,22 @@ def main(
      trust_remote_code) = (c.boolean(n, flags[n]) for n in (
         "local_files_only", "train_on_inputs", "dry_run", "data_cache", "use_8bit", "use_4bit", "packing",
         "overwrite_output_dir", "trust_remote_code"))
-    stage, pref_loss, pref_beta, simpo_gamma, adapter = preference_flags(
-        c, stage, pref_loss, pref_beta, simpo_gamma, lora_model, (data_path, val_data_path), train_on_inputs)
+    stage, pref_loss, pref_beta, simpo_gamma, pref_ftx, adapter = preference_flags(
+        c, stage, pref_loss, pref_beta, simpo_gamma, pref_ftx, lora_model, (data_path, val_data_path), train_on_inputs)
     precision = c.choice("precision", precision, ("auto", "bf16", "fp16", "fp32"))
     lr_scheduler_type = c.choice("lr_scheduler_type", lr_scheduler_type, SCHEDULERS)
     cutoff_len, block_size = c.integer("cutoff_len", cutoff_len, 1), c.integer("block_size", block_size, 2)
     per_device_train_batch_size = c.integer("per_device_train_batch_size", per_device_train_batch_size, 1)
     gradient_accumulation_steps = c.integer("gradient_accumulation_steps", gradient_accumulation_steps, 1)
     logging_steps, save_steps = c.integer("logging_steps", logging_steps, 1), c.integer("save_steps", save_steps, 1)
-    save_total_limit = c.integer("save_total_limit", save_total_limit, 1, none=True)
-    eval_steps = c.integer("eval_steps", eval_steps, 1, none=True)
+    save_total_limit, eval_steps = (c.integer(n, flags[n], 1, none=True) for n in ("save_total_limit", "eval_steps"))
     max_samples = flags["max_samples"] = c.integer("max_samples", max_samples, 1, none=True)  # as checked
     preprocessing_num_workers = c.integer("preprocessing_num_workers", preprocessing_num_workers, 1, none=True)
     max_steps, seed = c.integer("max_steps", max_steps, -1), c.integer("seed", seed, 0)
     c.add("--max_steps must be -1 (train --num_epochs) or above 0, got 0" if max_steps == 0 else None)
     num_epochs = num_epochs if num_epochs == "auto" else c.number("num_epochs", num_epochs, 0, above_low=True)
-    learning_rate = c.number("learning_rate", learning_rate, 0, above_low=True)
+    learning_rate = c.number("learning_rate", learning_rate, 0, above_low=True, none=True) or (
+        2e-4 if stage == "dpo" else 5e-4)  # README: a lower default for preference training
     lora_r, lora_alpha = c.integer("lora_r", lora_r, 1), c.number("lora_alpha", lora_alpha, 0, above_low=True)
     lora_dropout = c.number("lora_dropout", lora_dropout, 0, 1, below_high=True)
     warmup_ratio = c.number("warmup_ratio", warmup_ratio, 0, 1, below_high=True)
@@ -194,7 +194,7 @@ def main(
     dtype = pick_dtype(precision, device := pick_device())
     if packing and ships_code(model_path):
         packing = say("packing off: the model's own code does not keep packed examples apart") or False
-    num_epochs = auto_epochs(len(train), per_device_train_batch_size * gradient_accumulation_steps, num_epochs)
+    num_epochs = auto_epochs(len(train), per_device_train_batch_size * gradient_accumulation_steps, num_epochs, stage)
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=per_device_train_batch_size, optim=optim, seed=seed,
         per_device_eval_batch_size=per_device_train_batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
@@ -218,7 +218,7 @@ def main(
     # --- train ------------------------------------------------------------------------------------
     hooks = [speed := throughput_callback(), run_loss := run_loss_callback(), adapter_in_checkpoints(model, sharding)]
     if stage == "dpo":  # with its reference log-probs, computed now: before a checkpoint loads (README)
-        trainer = preference_trainer((pref_loss, pref_beta, simpo_gamma, adapter), model, args, train, val,
+        trainer = preference_trainer((pref_loss, pref_beta, simpo_gamma, pref_ftx, adapter), model, args, train, val,
                                      tokenizer.pad_token_id, packing, head, hooks)
     else:
         loss = functools.partial(causal_lm_loss, head=head, workspace=None if bits < 16 else {})

@@ -1,6 +1,7 @@
 """Preference training: our finetune.py --stage=dpo against TRL's DPOTrainer, on this CPU, in one run.
 
     python bench/pref_bench.py                 # built-in SmolLM2, 200 pairs of dpo_en_demo.json, 50 held back
+    python bench/pref_bench.py --seeds=42,1,7     # each arm once per seed; the targets compare the means
     python bench/pref_bench.py --max_steps=2 --held=4 --arms=ours   # a smoke run: no figures to quote
 
 Both arms train the same LoRA (r=8, alpha 16, no dropout, the 7 projections) with DPO (sigmoid, beta 0.1) for
@@ -166,13 +167,14 @@ def plot(curves, path):
 
 
 def main(pairs=200, held=50, cutoff_len=512, batch=8, lr=5e-5, max_steps=-1, arms="trl,ours",
-         ours_checkpointing="auto", seed=42, arm=None, out=None):
+         ours_checkpointing="auto", seeds="42", arm=None, out=None, seed=42):
     """Args: pairs (trained on), held (held back for the reward accuracy), cutoff_len, batch, lr: the setting.
     max_steps: stop each arm after this many steps (a smoke run; -1: one epoch). arms: trl, ours or both (the
-    targets need both). ours_checkpointing: our --gradient_checkpointing (auto, True, False). seed: both arms' seed
-    (LoRA init, shuffling). arm, out: internal
-    (a child)."""
+    targets need both). ours_checkpointing: our --gradient_checkpointing (auto, True, False). seeds: one run of
+    each arm per seed (LoRA init, shuffling), e.g. 42,1,7; with several, the targets compare the arms' means.
+    arm, out, seed: internal (a child)."""
     import importlib.util
+    import statistics
 
     if not DATA.is_file():
         print(f"skipped: {DATA} is absent (it holds the benchmark data)")
@@ -180,6 +182,7 @@ def main(pairs=200, held=50, cutoff_len=512, batch=8, lr=5e-5, max_steps=-1, arm
     from utils.errors import as_list
 
     arms = [a for a in ("trl", "ours") if a in as_list(arms, "arms")]
+    seeds = [int(s) for s in (seeds if isinstance(seeds, (list, tuple)) else str(seeds).split(","))]  # fire: a tuple
     if "trl" in arms and not importlib.util.find_spec("trl"):
         print("skipped: TRL is not installed (pip install -r requirements-dev.txt)")
         return
@@ -192,32 +195,45 @@ def main(pairs=200, held=50, cutoff_len=512, batch=8, lr=5e-5, max_steps=-1, arm
     tmp = Path(tempfile.mkdtemp(prefix="pref-bench-"))
     _, tokenizer = encoded(data[:pairs], cutoff_len)
     held_pairs, _ = encoded(data[pairs:pairs + held], cutoff_len)
-    results = {}
-    for name in arms:
-        (tmp / name).mkdir()
-        t0 = time.time()
-        results[name] = child(name, tmp / name, __file__, pairs=pairs, cutoff_len=cutoff_len, batch=batch, lr=lr,
-                              max_steps=max_steps, ours_checkpointing=ours_checkpointing, seed=seed)[:2]
-        print(f"  {name:5s} done in {time.time() - t0:.0f} s", flush=True)
-    accuracy = {name: reward_accuracy(tmp / name / "adapter", held_pairs, tokenizer.pad_token_id) for name in results}
-    plot({name: r[0]["losses"] for name, r in results.items()}, tmp / "loss_curves.png")
+    runs = {}  # (arm, seed) -> (result, peak RSS, held-back accuracy)
+    for seed in seeds:
+        for name in arms:
+            where = tmp / f"{name}-{seed}"
+            where.mkdir()
+            t0 = time.time()
+            result, rss = child(name, where, __file__, pairs=pairs, cutoff_len=cutoff_len, batch=batch, lr=lr,
+                                max_steps=max_steps, ours_checkpointing=ours_checkpointing, seed=seed)[:2]
+            accuracy = reward_accuracy(where / "adapter", held_pairs, tokenizer.pad_token_id)
+            runs[name, seed] = result, rss, accuracy
+            print(f"  {name:5s} seed {seed}: done in {time.time() - t0:.0f} s, held-back reward accuracy "
+                  f"{accuracy:.1%}", flush=True)
+    plot({f"{name} seed {seed}": r[0]["losses"] for (name, seed), r in runs.items()}, tmp / "loss_curves.png")
     print(f"\nthe first {pairs} dpo_en_demo pairs, {len(held_pairs)} held back, cutoff {cutoff_len}, batch {batch}, "
           f"lr {lr}, DPO beta 0.1, LoRA r=8 on 7 projections, built-in SmolLM2-135M, each arm's default precision")
-    print(f"{'arm':6s} {'pairs':>5s} {'steps':>5s} {'tokens':>7s} {'tokens/s':>9s} {'peak RSS':>9s} "
+    print(f"{'arm':6s} {'seed':>4s} {'pairs':>5s} {'steps':>5s} {'tokens':>7s} {'tokens/s':>9s} {'peak RSS':>9s} "
           f"{'held-back reward acc.':>22s}  loss: first, last 5 mean")
-    for name, (result, rss) in results.items():
+    for (name, seed), (result, rss, accuracy) in runs.items():
         losses = result["losses"]
-        print(f"{name:6s} {result['pairs']:5d} {result['steps']:5d} {result['tokens']:7d} "
-              f"{result['tokens'] / result['seconds']:9.1f} {rss / 2**30:7.2f} GB {accuracy[name]:21.1%}   "
+        print(f"{name:6s} {seed:4d} {result['pairs']:5d} {result['steps']:5d} {result['tokens']:7d} "
+              f"{result['tokens'] / result['seconds']:9.1f} {rss / 2**30:7.2f} GB {accuracy:21.1%}   "
               f"{losses[0]:.4f}, {sum(losses[-5:]) / len(losses[-5:]):.4f}")
     print(f"loss curves: {tmp / 'loss_curves.png'}; per-step losses in {tmp}/*/result.json")
-    if len(results) < 2:
+    if len(arms) < 2:
         return
-    (ours, ours_rss), (trl, trl_rss) = results["ours"], results["trl"]
-    speed = (ours["tokens"] / ours["seconds"]) / (trl["tokens"] / trl["seconds"])
-    memory = ours_rss / trl_rss
-    gap = accuracy["trl"] - accuracy["ours"]
-    print(f"\ntargets: peak RSS <= 0.7x TRL's: {memory:.2f}x {'met' if memory <= 0.7 else 'NOT met'};  "
+
+    def mean(name, of):
+        return statistics.mean(of(*runs[name, seed]) for seed in seeds)
+
+    for name in arms:
+        accuracies = [runs[name, seed][2] for seed in seeds]
+        print(f"{name}: over {len(seeds)} seed(s): held-back reward accuracy mean {statistics.mean(accuracies):.1%}"
+              f" (min {min(accuracies):.1%}, max {max(accuracies):.1%})")
+    speed = mean("ours", lambda r, rss, a: r["tokens"] / r["seconds"]) / mean(
+        "trl", lambda r, rss, a: r["tokens"] / r["seconds"])
+    memory = mean("ours", lambda r, rss, a: rss) / mean("trl", lambda r, rss, a: rss)
+    gap = mean("trl", lambda r, rss, a: a) - mean("ours", lambda r, rss, a: a)
+    over = f" (means over {len(seeds)} seeds)" if len(seeds) > 1 else ""
+    print(f"\ntargets{over}: peak RSS <= 0.7x TRL's: {memory:.2f}x {'met' if memory <= 0.7 else 'NOT met'};  "
           f"throughput >= 1.5x TRL's: {speed:.2f}x {'met' if speed >= 1.5 else 'NOT met'};  "
           f"held-back reward accuracy within 3 points of TRL's: {-gap * 100:+.1f} points "
           f"{'met' if gap <= 0.03 else 'NOT met'}")

@@ -459,6 +459,7 @@ def test_auto_epochs_give_small_data_enough_updates(monkeypatch):
     assert auto_epochs(120, 8) == 5  # the demo: 15 updates an epoch, 75 in all
     assert auto_epochs(200, 8) == 3 and auto_epochs(10**6, 8) == 3
     assert auto_epochs(10, 8) == 10  # at most 10 passes
+    assert auto_epochs(80, 8, "auto", "dpo") == 3  # preference pairs: 3 passes, however few (README)
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert auto_epochs(120, 8) == 10  # each process sees half: 8 updates an epoch
 

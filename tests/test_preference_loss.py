@@ -67,6 +67,20 @@ def test_pair_losses_equal_the_published_formulas(loss_type):
     assert metrics["logps/chosen"] == pytest.approx(mean(logged), rel=1e-6)
 
 
+@pytest.mark.parametrize("loss_type", ["dpo", "ipo", "simpo"])
+def test_pref_ftx_adds_the_chosen_answers_nll_per_token(loss_type):
+    """LLaMA-Factory's pref_ftx (TRL's rpo_alpha): each pair's loss gains ftx times its chosen answer's NLL per
+    token; the rewards are unchanged. ORPO, which has an NLL of its own, refuses it."""
+    t = lambda values: torch.tensor(values, dtype=torch.float64)  # noqa: E731
+    batch = t(CHOSEN), t(REJECTED), t(CHOSEN_N), t(REJECTED_N), t(REF_CHOSEN), t(REF_REJECTED)
+    loss, metrics = pair_loss(loss_type, *batch, beta=BETA, gamma=GAMMA, ftx=0.5)
+    expected, chosen_rewards, _ = expected_pairs(loss_type)
+    assert loss.item() == pytest.approx(expected + 0.5 * mean([-c / n for c, n in zip(CHOSEN, CHOSEN_N)]), rel=1e-6)
+    assert metrics["rewards/chosen"] == pytest.approx(mean(chosen_rewards), rel=1e-6)
+    with pytest.raises(ValueError, match="orpo has its own NLL"):
+        pair_loss("orpo", *batch, beta=BETA, ftx=0.5)
+
+
 def test_pair_loss_gradient_only_flows_to_the_policy():
     chosen = torch.tensor(CHOSEN, requires_grad=True)
     ref = torch.tensor(REF_CHOSEN, requires_grad=True)

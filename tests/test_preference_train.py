@@ -80,7 +80,12 @@ def test_continued_adapter_is_its_own_reference(finetune, pref_file, tmp_path):
 
 @pytest.mark.parametrize("pref_loss", ["ipo", "orpo", "simpo", "kto"])
 def test_other_losses_train_and_log_their_metrics(finetune, pref_file, tmp_path, pref_loss):
-    finetune(stage="dpo", data_path=str(pref_file), pref_loss=pref_loss, max_steps=2, val_set_size=2)
+    ftx = {"pref_ftx": 1.0} if pref_loss in ("ipo", "simpo") else {}
+    finetune(stage="dpo", data_path=str(pref_file), pref_loss=pref_loss, max_steps=2, val_set_size=2,
+             learning_rate=None, **ftx)
+    config = json.loads((tmp_path / "out" / "run_config.json").read_text())
+    assert config["training"]["learning_rate"] == 2e-4  # --stage=dpo's default (README)
+    assert config["preference"]["ftx"] == (1.0 if ftx else None)
     history = json.loads((tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
     logged = {k for h in history for k in h}
     assert {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "eval_loss",

@@ -39,16 +39,17 @@ PREF_DEMO = Path(__file__).resolve().parent.parent / "data" / "pref_demo.json"  
 LAYOUTS = 'a prompt ("conversations", "messages", "prompt" or "instruction") with a "chosen" and a "rejected" answer'
 
 
-def preference_flags(c, stage, pref_loss, pref_beta, simpo_gamma, lora_model, data_paths=(), train_on_inputs=False):
-    """finetune's --stage (sft, pt or dpo), --pref_loss, --pref_beta, --simpo_gamma and --lora_model (the
+def preference_flags(c, stage, pref_loss, pref_beta, simpo_gamma, pref_ftx, lora_model, data_paths=(),
+                     train_on_inputs=False):
+    """finetune's --stage (sft, pt or dpo), --pref_loss, --pref_beta, --simpo_gamma, --pref_ftx and --lora_model (the
     adapter folder it names, or None), checked into `c` (a utils.flags.Checks); under --stage dpo the
     `data_paths` (--data_path, --val_data_path) must not name .txt files, and --train_on_inputs is refused."""
     from utils.run_folder import find_adapter
 
     adapter = c.call(find_adapter, lora_model) if c.text("lora_model", lora_model) else None
     given = [f"--{name}={value}" for name, value, default in (
-        ("pref_loss", pref_loss, "dpo"), ("pref_beta", pref_beta, 0.1), ("simpo_gamma", simpo_gamma, 0.5))
-        if value != default]
+        ("pref_loss", pref_loss, "dpo"), ("pref_beta", pref_beta, 0.1), ("simpo_gamma", simpo_gamma, 0.5),
+        ("pref_ftx", pref_ftx, 0.0)) if value != default]
     c.add(f"{', '.join(given)}: preference training flags, used only with --stage=dpo; add --stage=dpo or leave "
           "them out" if given and stage != "dpo" else None)
     c.add("--train_on_inputs is for SFT: preference losses compare two answers to one prompt and never train on "
@@ -58,8 +59,12 @@ def preference_flags(c, stage, pref_loss, pref_beta, simpo_gamma, lora_model, da
         text = [p for p in map(str, parts) if p.strip().endswith(".txt")]
         c.add(f"--{flag}={text[0]} is raw text; --stage=dpo reads preference pairs from .json or .jsonl files "
               "(data/README.md shows the layouts)" if text and stage == "dpo" else None)
+    c.add(f"--pref_ftx={pref_ftx} adds an NLL of the chosen answers to dpo, ipo or simpo; --pref_loss={pref_loss} "
+          "has none to add to (orpo has its own NLL); leave --pref_ftx out" if pref_ftx not in (0, 0.0, None)
+          and pref_loss in ("orpo", "kto") else None)
     return (c.choice("stage", stage, ("sft", "pt", "dpo")), c.choice("pref_loss", pref_loss, PREF_LOSSES),
-            c.number("pref_beta", pref_beta, 0, above_low=True), c.number("simpo_gamma", simpo_gamma, 0), adapter)
+            c.number("pref_beta", pref_beta, 0, above_low=True), c.number("simpo_gamma", simpo_gamma, 0),
+            c.number("pref_ftx", pref_ftx, 0), adapter)
 
 
 def _new_stats():

@@ -11,6 +11,8 @@ simpo, KTOTrainer's kto); tests/test_preference_loss.py checks each against a pl
          averaged per token and log odds(p) = p - log(1 - exp(p)); no reference; rewards beta * c, beta * r.
          Our NLL covers the answer only: the prompt stays masked, as in SFT.
 - simpo: -log sigmoid(beta * (c - r) - gamma), c, r averaged per token; no reference; rewards beta * c, beta * r.
+- ftx:   dpo, ipo and simpo may add ftx * (NLL of each chosen answer, per token), LLaMA-Factory's pref_ftx (TRL's
+         rpo_alpha): it keeps the chosen answers' own likelihood from falling while the margin grows.
 - kto:   desirable answers 1 - sigmoid(beta * ((y - ry) - z)), undesirable ones 1 - sigmoid(beta * (z - (y - ry))),
          the mean over all; z, the KL estimate, is the batch mean of (policy - reference) log-probs of mismatched
          prompt/answer pairs, clamped at 0 and without gradient; rewards beta * (y - ry).
@@ -35,9 +37,10 @@ def _log1mexp(x):
 
 
 def pair_loss(loss_type, chosen, rejected, chosen_tokens, rejected_tokens, ref_chosen=None, ref_rejected=None,
-              beta=0.1, gamma=0.5):
+              beta=0.1, gamma=0.5, ftx=0.0):
     """(loss, metrics) of a batch of pairs: `chosen`/`rejected` the policy's summed log-probs of each answer (n,),
-    `*_tokens` their token counts, `ref_*` the reference's (dpo, ipo). Metrics are floats."""
+    `*_tokens` their token counts, `ref_*` the reference's (dpo, ipo). `ftx` (dpo, ipo, simpo): the weight of an
+    added NLL of each chosen answer per token (LLaMA-Factory's pref_ftx). Metrics are floats."""
     chosen, rejected = chosen.float(), rejected.float()
     chosen_tokens, rejected_tokens = chosen_tokens.float().clamp(min=1), rejected_tokens.float().clamp(min=1)
     if loss_type in ("dpo", "ipo"):
@@ -60,6 +63,10 @@ def pair_loss(loss_type, chosen, rejected, chosen_tokens, rejected_tokens, ref_c
         logged = chosen_mean, rejected_mean
     else:
         raise ValueError(f"unknown pair loss {loss_type!r}; one of dpo, ipo, orpo, simpo")
+    if ftx:
+        if loss_type == "orpo":
+            raise ValueError("orpo has its own NLL term; ftx is for dpo, ipo and simpo")
+        losses = losses + ftx * -(chosen / chosen_tokens)
     metrics = {"rewards/chosen": chosen_reward.mean().item(), "rewards/rejected": rejected_reward.mean().item(),
                "rewards/margins": (chosen_reward - rejected_reward).mean().item(),
                "rewards/accuracies": (chosen_reward > rejected_reward).float().mean().item(),

@@ -98,7 +98,7 @@ class PreferenceTrainer(Trainer):
         else:
             ref = (None, None) if ref is None else (ref[0::2], ref[1::2])
             loss, metrics = pair_loss(loss_type, sums[0::2], sums[1::2], counts[0::2], counts[1::2], *ref, beta=beta,
-                                      gamma=self.pref["gamma"])
+                                      gamma=self.pref["gamma"], ftx=self.pref["ftx"] or 0.0)
         self._metrics["train" if model.training else "eval"].append(metrics)
         return (loss, {}) if return_outputs else loss
 
@@ -152,10 +152,10 @@ class PreferenceTrainer(Trainer):
 
 def preference_trainer(settings, model, args, train, val, pad_token_id, packing, head, callbacks):
     """A PreferenceTrainer on `train` and `val` (Pairs, or a KTO TokenStore), its reference log-probs computed
-    now. `settings`: (--pref_loss, --pref_beta, --simpo_gamma, the continued adapter's folder or None); the
+    now. `settings`: (--pref_loss, --pref_beta, --simpo_gamma, --pref_ftx, the continued adapter's folder or None); the
     trainer's `pref` records them for run_config.json."""
-    loss_type, beta, gamma, adapter = settings
-    pref = {"loss": loss_type, "beta": beta, "gamma": gamma if loss_type == "simpo" else None,
+    loss_type, beta, gamma, ftx, adapter = settings
+    pref = {"loss": loss_type, "beta": beta, "gamma": gamma if loss_type == "simpo" else None, "ftx": ftx or None,
             "reference": ("none" if loss_type in REFERENCE_FREE else "the continued adapter as loaded" if adapter
                           else "the base model (adapter disabled)"), "lora_model": str(adapter) if adapter else None}
     kto = loss_type == "kto"

@@ -73,13 +73,16 @@ def lora_for_training(model_path, dtype, bits, device, lora, checkpointing, toke
 AUTO_EPOCHS, AUTO_MIN_UPDATES, AUTO_MAX_EPOCHS = 3, 75, 10
 
 
-def auto_epochs(examples, examples_per_update, num_epochs="auto"):  # per process: the world's is WORLD_SIZE x
+def auto_epochs(examples, examples_per_update, num_epochs="auto", stage="sft"):  # examples: per process
     """`num_epochs`, or for --num_epochs=auto: 3 passes over the data, or more for a small data set, so that the run
     makes at least AUTO_MIN_UPDATES optimizer updates (at most AUTO_MAX_EPOCHS passes), as OpenAI's fine-tuning
     picks its epochs from the data's size. The demo's 120 records at 8 a step: 5 epochs (3 leave its persona
-    half-learnt and looping: the report in README.md); 200 records or more at 8 a step: 3."""
+    half-learnt and looping: the report in README.md); 200 records or more at 8 a step: 3. --stage=dpo: always 3;
+    more passes over few pairs only push the rejected answers further down, and the model with them (README)."""
     if num_epochs != "auto":
         return num_epochs
+    if stage == "dpo":
+        return AUTO_EPOCHS
     per_epoch = math.ceil(examples / (examples_per_update * int(os.environ.get("WORLD_SIZE", 1))))
     return max(AUTO_EPOCHS, min(AUTO_MAX_EPOCHS, math.ceil(AUTO_MIN_UPDATES / max(per_epoch, 1))))
 
