@@ -86,9 +86,8 @@ def run_arm(arm, out, records, cutoff_len, batch, lr, max_steps, ours_checkpoint
         history = history["log_history"]
         seconds = [h["train_runtime"] for h in history if "train_runtime" in h][-1]  # ours logs it every step
         seconds += config["preference"]["reference_seconds"]
-        pairs, _ = encoded(records, cutoff_len)  # what our encoder trains on: every pair, the prompt cut first
-        trained = len(pairs)
-        tokens = sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
+        # what our encoder trained on (every pair, the prompt cut first): prompt + chosen, prompt + rejected tokens
+        trained, tokens = config["data"]["train_examples"], config["data"]["train_tokens"]
     else:
         from datasets import Dataset
         from peft import LoraConfig
@@ -193,8 +192,7 @@ def main(pairs=200, held=50, cutoff_len=512, batch=8, lr=5e-5, max_steps=-1, arm
 
     hf_logging.disable_progress_bar()
     tmp = Path(tempfile.mkdtemp(prefix="pref-bench-"))
-    _, tokenizer = encoded(data[:pairs], cutoff_len)
-    held_pairs, _ = encoded(data[pairs:pairs + held], cutoff_len)
+    held_pairs, tokenizer = encoded(data[pairs:pairs + held], cutoff_len)
     runs = {}  # (arm, seed) -> (result, peak RSS, held-back accuracy)
     for seed in seeds:
         for name in arms:

@@ -204,14 +204,15 @@ def summary(examples, stats, tokenizer):
         *mask_lines(examples[0], tokenizer, "example 1 ([-] masked from the loss, [+] trained on):")])
 
 
-def length_lines(lengths, stats, unit):
-    """summary's token-length lines: the spread of `lengths` (tokens per `unit`) and its histogram."""
+def length_lines(lengths, stats, unit, what=""):
+    """summary's token-length lines: the spread of `lengths` (tokens per `unit`, `what` it holds) and its
+    histogram."""
     import numpy as np
 
-    return [f"tokens per {unit}: min {lengths.min()}, median {int(np.median(lengths))}, "
+    return [f"tokens per {unit}{what}: min {lengths.min()}, median {int(np.median(lengths))}, "
             f"p95 {int(np.percentile(lengths, 95, method='lower'))}, "
             f"max {lengths.max()}; total {int(lengths.sum()):,}; supervised tokens: {stats['supervised_tokens']:,}",
-            f"length histogram (tokens per {unit.split(' (')[0]}, count, share):", *_histogram(lengths)]
+            f"length histogram (tokens per {unit}, count, share):", *_histogram(lengths)]
 
 
 def mask_lines(example, tokenizer, title):

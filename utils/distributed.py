@@ -36,7 +36,7 @@ def deepspeed_config(path):
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise UserError(f"--deepspeed={path} is not valid JSON ({e}); fix it, or start from "
                         f"configs/deepspeed/zero3.json.") from None
-    stage = config.get("zero_optimization", {}).get("stage", 0) if isinstance(config, dict) else None
+    stage = zero_stage(config)
     if stage not in (0, 1, 2, 3):
         raise UserError(f"--deepspeed={path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}.")
     import importlib.util
@@ -48,6 +48,13 @@ def deepspeed_config(path):
     if not torch.cuda.is_available():  # DeepSpeed on CPU processes (gloo), without its warning that it guessed so
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     return str(file.resolve())
+
+
+def zero_stage(config):
+    """The ZeRO stage of a DeepSpeed config (its parsed JSON, or the path of a checked one); None if not a dict."""
+    if isinstance(config, (str, Path)):
+        config = json.loads(Path(config).read_text(encoding="utf-8"))
+    return config.get("zero_optimization", {}).get("stage", 0) if isinstance(config, dict) else None
 
 
 def launched_fsdp_version():
@@ -69,8 +76,7 @@ def sharding_problem(deepspeed, bits, stage="sft"):
     if bits == 8 and (fsdp or deepspeed):
         return ("--use_8bit cannot be sharded by FSDP or DeepSpeed; use --use_4bit (QLoRA, sharded in the "
                 "compute dtype) or a 16-bit base")
-    zero = json.loads(Path(deepspeed).read_text(encoding="utf-8")).get("zero_optimization", {}) if deepspeed else {}
-    if stage == "dpo" and (fsdp or zero.get("stage") == 3):
+    if stage == "dpo" and (fsdp or (deepspeed and zero_stage(deepspeed) == 3)):
         # the reference pass runs before the engine has wrapped the model, when a rank holds only its shards
         return (f"--stage=dpo does not run under {'FSDP2' if fsdp else 'ZeRO-3'} yet (its reference pass reads "
                 "whole weights before training); use --deepspeed=zero2, or torchrun without --deepspeed")

@@ -59,12 +59,13 @@ def preference_flags(c, stage, pref_loss, pref_beta, simpo_gamma, pref_ftx, lora
         text = [p for p in map(str, parts) if p.strip().endswith(".txt")]
         c.add(f"--{flag}={text[0]} is raw text; --stage=dpo reads preference pairs from .json or .jsonl files "
               "(data/README.md shows the layouts)" if text and stage == "dpo" else None)
+    ftx = c.number("pref_ftx", pref_ftx, 0)
     c.add(f"--pref_ftx={pref_ftx} adds an NLL of the chosen answers to dpo, ipo or simpo; --pref_loss={pref_loss} "
-          "has none to add to (orpo has its own NLL); leave --pref_ftx out" if pref_ftx not in (0, 0.0, None)
-          and pref_loss in ("orpo", "kto") else None)
+          "has none to add to (orpo has its own NLL); leave --pref_ftx out" if ftx and pref_loss in ("orpo", "kto")
+          else None)
     return (c.choice("stage", stage, ("sft", "pt", "dpo")), c.choice("pref_loss", pref_loss, PREF_LOSSES),
-            c.number("pref_beta", pref_beta, 0, above_low=True), c.number("simpo_gamma", simpo_gamma, 0),
-            c.number("pref_ftx", pref_ftx, 0), adapter)
+            c.number("pref_beta", pref_beta, 0, above_low=True), c.number("simpo_gamma", simpo_gamma, 0), ftx,
+            adapter)
 
 
 def _new_stats():
@@ -385,7 +386,7 @@ def pair_summary(pairs, stats, tokenizer):
     return "\n".join([
         f"pairs read: {stats['records']:,}, kept: {len(pairs):,}, truncated: {stats['truncated']:,}, "
         f"dropped (nothing left to compare): {stats['dropped']:,}",
-        *length_lines(pairs.examples.lengths(), stats, "sequence (prompt + chosen or rejected answer)"),
+        *length_lines(pairs.examples.lengths(), stats, "sequence", " (prompt + chosen or rejected answer)"),
         *mask_lines(pairs.examples[0], tokenizer,
                     "pair 1, its chosen answer ([-] masked from the loss, [+] trained on), then its rejected answer:"),
         f"  [+] {tokenizer.decode(pairs[0]['rejected_ids'])!r}"])
