@@ -216,3 +216,30 @@ def test_num_gpus_spreads_over_the_first_n_gpus(monkeypatch):
     assert device_map_for(8) == ("balanced", {i: (i + 1) << 30 for i in range(4)})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert device_map_for(2) == (None, None)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_finished_run_leaves_its_process_group(fails, tmp_path, monkeypatch):
+    """run_cli tears the process group down after main succeeded (gloo's threads left to the interpreter's exit
+    aborted a rank, pytorch #190489), and leaves it alone after a UserError: the other ranks may wait in a
+    collective, and a barrier there would hang."""
+    import torch.distributed as dist
+
+    from utils.errors import UserError, run_cli
+
+    def main():
+        if fails:
+            raise UserError("no.")
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    monkeypatch.setattr(sys, "argv", ["finetune.py"])
+    try:
+        if fails:
+            with pytest.raises(SystemExit):
+                run_cli(main)
+        else:
+            run_cli(main)
+        assert dist.is_initialized() is fails
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
