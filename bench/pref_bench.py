@@ -3,6 +3,7 @@
     python bench/pref_bench.py                 # built-in SmolLM2, 200 pairs of dpo_en_demo.json, 50 held back
     python bench/pref_bench.py --seeds=42,1,7     # each arm once per seed; the targets compare the means
     python bench/pref_bench.py --max_steps=2 --held=4 --arms=ours   # a smoke run: no figures to quote
+    python bench/pref_bench.py --arms=trl,ours,ours_kept --seeds=42,1,7   # also ours on the pairs TRL keeps
 
 Both arms train the same LoRA (r=8, alpha 16, no dropout, the 7 projections) with DPO (sigmoid, beta 0.1) for
 one epoch at the same learning rate, batch and schedule, each in its own child process; peak RSS is polled from
@@ -17,7 +18,9 @@ Both arms get the same first 200 records, and each keeps what its own rules keep
 alone fills max_length (= our cutoff_len) and cuts prompt + answer at max_length; ours keeps every pair, cutting the
 shared prompt first. So each arm reports the pairs it trained on, and its tokens/s counts its own real tokens (prompt
 + chosen, prompt + rejected, after its truncation) over the time from the first step to the last, our reference
-pass included. The held-back reward accuracy is
+pass included. The arm ours_kept is ours given only the pairs TRL keeps (a prompt, as our template renders it,
+shorter than the cutoff): the same training pairs as TRL, to tell our trainer from our truncation rule. The
+held-back reward accuracy is
 computed afterwards by one piece of code for both adapters (fp32, padded): the share of held-back pairs whose
 chosen answer gains more log-probability over the base model than the rejected one.
 Needs ../shared/data/dpo_en_demo.json and TRL (requirements-dev.txt); skips with a message without either.
@@ -71,9 +74,11 @@ def run_arm(arm, out, records, cutoff_len, batch, lr, max_steps, ours_checkpoint
     import torch
 
     out = Path(out)
-    if arm == "ours":
+    if arm in ("ours", "ours_kept"):
         import finetune
 
+        if arm == "ours_kept":  # TRL's rule: a pair whose prompt alone fills max_length is dropped
+            records = [r for r, p in zip(records, encoded(records, None)[0]) if len(p["prompt_ids"]) < cutoff_len]
         data = out / "train.json"
         data.write_text(json.dumps(records, ensure_ascii=False))
         steps = max_steps if max_steps > 0 else math.ceil(len(records) / batch)
@@ -168,8 +173,8 @@ def plot(curves, path):
 def main(pairs=200, held=50, cutoff_len=512, batch=8, lr=5e-5, max_steps=-1, arms="trl,ours",
          ours_checkpointing="auto", seeds="42", arm=None, out=None, seed=42):
     """Args: pairs (trained on), held (held back for the reward accuracy), cutoff_len, batch, lr: the setting.
-    max_steps: stop each arm after this many steps (a smoke run; -1: one epoch). arms: trl, ours or both (the
-    targets need both). ours_checkpointing: our --gradient_checkpointing (auto, True, False). seeds: one run of
+    max_steps: stop each arm after this many steps (a smoke run; -1: one epoch). arms: trl, ours, ours_kept (the
+    targets need trl and ours). ours_checkpointing: our --gradient_checkpointing (auto, True, False). seeds: one run of
     each arm per seed (LoRA init, shuffling), e.g. 42,1,7; with several, the targets compare the arms' means.
     arm, out, seed: internal (a child)."""
     import importlib.util
@@ -180,7 +185,7 @@ def main(pairs=200, held=50, cutoff_len=512, batch=8, lr=5e-5, max_steps=-1, arm
         return
     from utils.errors import as_list
 
-    arms = [a for a in ("trl", "ours") if a in as_list(arms, "arms")]
+    arms = [a for a in ("trl", "ours", "ours_kept") if a in as_list(arms, "arms")]
     seeds = [int(s) for s in (seeds if isinstance(seeds, (list, tuple)) else str(seeds).split(","))]  # fire: a tuple
     if "trl" in arms and not importlib.util.find_spec("trl"):
         print("skipped: TRL is not installed (pip install -r requirements-dev.txt)")
@@ -208,16 +213,14 @@ def main(pairs=200, held=50, cutoff_len=512, batch=8, lr=5e-5, max_steps=-1, arm
     plot({f"{name} seed {seed}": r[0]["losses"] for (name, seed), r in runs.items()}, tmp / "loss_curves.png")
     print(f"\nthe first {pairs} dpo_en_demo pairs, {len(held_pairs)} held back, cutoff {cutoff_len}, batch {batch}, "
           f"lr {lr}, DPO beta 0.1, LoRA r=8 on 7 projections, built-in SmolLM2-135M, each arm's default precision")
-    print(f"{'arm':6s} {'seed':>4s} {'pairs':>5s} {'steps':>5s} {'tokens':>7s} {'tokens/s':>9s} {'peak RSS':>9s} "
+    print(f"{'arm':9s} {'seed':>4s} {'pairs':>5s} {'steps':>5s} {'tokens':>7s} {'tokens/s':>9s} {'peak RSS':>9s} "
           f"{'held-back reward acc.':>22s}  loss: first, last 5 mean")
     for (name, seed), (result, rss, accuracy) in runs.items():
         losses = result["losses"]
-        print(f"{name:6s} {seed:4d} {result['pairs']:5d} {result['steps']:5d} {result['tokens']:7d} "
+        print(f"{name:9s} {seed:4d} {result['pairs']:5d} {result['steps']:5d} {result['tokens']:7d} "
               f"{result['tokens'] / result['seconds']:9.1f} {rss / 2**30:7.2f} GB {accuracy:21.1%}   "
               f"{losses[0]:.4f}, {sum(losses[-5:]) / len(losses[-5:]):.4f}")
     print(f"loss curves: {tmp / 'loss_curves.png'}; per-step losses in {tmp}/*/result.json")
-    if len(arms) < 2:
-        return
 
     def mean(name, of):
         return statistics.mean(of(*runs[name, seed]) for seed in seeds)
@@ -226,11 +229,17 @@ def main(pairs=200, held=50, cutoff_len=512, batch=8, lr=5e-5, max_steps=-1, arm
         accuracies = [runs[name, seed][2] for seed in seeds]
         print(f"{name}: over {len(seeds)} seed(s): held-back reward accuracy mean {statistics.mean(accuracies):.1%}"
               f" (min {min(accuracies):.1%}, max {max(accuracies):.1%})")
+    over = f" (means over {len(seeds)} seeds)" if len(seeds) > 1 else ""
+    if {"trl", "ours_kept"} <= set(arms):
+        kept = mean("trl", lambda r, rss, a: a) - mean("ours_kept", lambda r, rss, a: a)
+        print(f"on the same training pairs{over}: ours_kept's held-back reward accuracy against TRL's: "
+              f"{-kept * 100:+.1f} points")
+    if not {"trl", "ours"} <= set(arms):
+        return
     speed = mean("ours", lambda r, rss, a: r["tokens"] / r["seconds"]) / mean(
         "trl", lambda r, rss, a: r["tokens"] / r["seconds"])
     memory = mean("ours", lambda r, rss, a: rss) / mean("trl", lambda r, rss, a: rss)
     gap = mean("trl", lambda r, rss, a: a) - mean("ours", lambda r, rss, a: a)
-    over = f" (means over {len(seeds)} seeds)" if len(seeds) > 1 else ""
     print(f"\ntargets{over}: peak RSS <= 0.7x TRL's: {memory:.2f}x {'met' if memory <= 0.7 else 'NOT met'};  "
           f"throughput >= 1.5x TRL's: {speed:.2f}x {'met' if speed >= 1.5 else 'NOT met'};  "
           f"held-back reward accuracy within 3 points of TRL's: {-gap * 100:+.1f} points "
