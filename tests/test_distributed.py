@@ -81,29 +81,50 @@ def data(tmp_path_factory):
     return path
 
 
+
+
 @pytest.fixture(scope="module")
-def single(tiny_model_dir, data, tmp_path_factory):
-    """The references: one process with the global batch (4), plain SGD and AdamW."""
+def sharded_tiny(tiny_model_dir, tmp_path_factory):
+    """tiny_model_dir's weights, moved off the seed's initial values (a weight the load skipped would otherwise come
+    back as the same random init), in 10 MB shards (3 files): ZeRO-3 fills its partitions a shard at a time
+    (utils.model._zero3_loading_a_shard_at_a_time), so a shard it skipped or misread changes the gradients."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-sharded")
+    model, noise = AutoModelForCausalLM.from_pretrained(tiny_model_dir), torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.02 * torch.randn(param.shape, generator=noise))
+    model.save_pretrained(path, max_shard_size="10MB")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
+    assert len(list(path.glob("*.safetensors"))) > 1
+    return path
+
+
+@pytest.fixture(scope="module")
+def single(sharded_tiny, data, tmp_path_factory):
+    """The references: one process with the global batch (4), plain SGD and AdamW, from sharded_tiny."""
     base = tmp_path_factory.mktemp("single")
-    launch("single", tiny_model_dir, data, base / "sgd", *SGD, batch=4)
-    launch("single", tiny_model_dir, data, base / "adamw", *ADAMW, batch=4)
+    launch("single", sharded_tiny, data, base / "sgd", *SGD, batch=4)
+    launch("single", sharded_tiny, data, base / "adamw", *ADAMW, batch=4)
     return base
 
 
 @needs_deepspeed
 @pytest.mark.parametrize("engine", ENGINES)
-def test_gradients_and_adamw_equal_one_process(engine, single, tiny_model_dir, data, tmp_path):
+def test_gradients_and_adamw_equal_one_process(engine, single, sharded_tiny, data, tmp_path):
     """2 processes x 2 examples = 1 process x 4: after each plain SGD step (so, the gradients) and after 3 AdamW
-    steps (the weights and every logged loss), the LoRA weights equal the single process's; the engine ran."""
+    steps (the weights and every logged loss), the LoRA weights equal the single process's; the engine ran. All
+    start from sharded_tiny."""
     sgd = tmp_path / "sgd"
-    proc = launch(engine, tiny_model_dir, data, sgd, *SGD)
+    proc = launch(engine, sharded_tiny, data, sgd, *SGD)
     assert f"engine: {engine}" in proc.stdout or engine == "ddp", proc.stdout[-2000:]
     for step in (1, 2):  # step 1: lora_B's gradient (lora_B starts at 0); step 2: lora_A's too
         assert_same_weights(adapter(sgd / f"checkpoint-{step}"), adapter(single / "sgd" / f"checkpoint-{step}"))
     marker = {"zero2": "global_step1", "zero3": "global_step1", "fsdp2": "pytorch_model_fsdp_0"}.get(engine)
     assert marker is None or (sgd / "checkpoint-1" / marker).exists(), sorted(os.listdir(sgd / "checkpoint-1"))
     adamw = tmp_path / "adamw"
-    launch(engine, tiny_model_dir, data, adamw, *ADAMW)
+    launch(engine, sharded_tiny, data, adamw, *ADAMW)
     torch.testing.assert_close(losses(adamw / "checkpoint-3"), losses(single / "adamw" / "checkpoint-3"),
                                rtol=RTOL, atol=ATOL)
     assert_same_weights(adapter(adamw), adapter(single / "adamw"), ADAMW_ATOL)  # whole, not Size([0])
@@ -113,7 +134,7 @@ def test_gradients_and_adamw_equal_one_process(engine, single, tiny_model_dir, d
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adamw)
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sharded_tiny), adamw)
         assert sum(p.abs().sum() for n, p in model.named_parameters() if "lora_B" in n) > 0
 
 
@@ -243,3 +264,25 @@ def test_a_finished_run_leaves_its_process_group(fails, tmp_path, monkeypatch):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_zero3_shard_at_a_time_relies_on_transformers_filling_parts():
+    """What utils.model._zero3_loading_a_shard_at_a_time replaces: transformers' ZeRO-3 branch merges every shard
+    into one state dict and hands it to the module-level _load_state_dict_into_zero3_model(model, state_dict,
+    load_config), which fills only the parameters the dict holds (built for sharded checkpoints) and returns
+    (errors, missing keys). If this changes, the replacement must be rewritten or removed."""
+    import inspect
+
+    import transformers.modeling_utils as modeling_utils
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    source = inspect.getsource(modeling_utils)
+    assert "merged_state_dict.update(" in source
+    assert "_load_state_dict_into_zero3_model(model, state_dict, load_config)" in source
+    assert modeling_utils._load_state_dict_into_zero3_model is hf_deepspeed._load_state_dict_into_zero3_model
+    fill = inspect.getsource(hf_deepspeed._load_state_dict_into_zero3_model)
+    assert list(inspect.signature(hf_deepspeed._load_state_dict_into_zero3_model).parameters) == [
+        "model_to_load", "state_dict", "load_config"]
+    assert "if k in state_dict:" in fill and "missing_keys.discard(k)" in fill and "return error_msgs" in fill
+    assert list(inspect.signature(modeling_utils.load_state_dict).parameters)[:4] == [
+        "checkpoint_file", "map_location", "weights_only", "disable_mmap"]

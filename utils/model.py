@@ -345,6 +345,51 @@ def _loading_to_quantize(vocab_size):
               file=sys.stderr)
 
 
+@contextlib.contextmanager
+def _zero3_loading_a_shard_at_a_time(folder):
+    """Under ZeRO-3, transformers (5.x) maps every shard of the checkpoint on rank 0, merges them into one state
+    dict and fills the partitions from it (modeling_utils, the is_deepspeed_zero3_enabled branch), so rank 0's RSS
+    holds the whole checkpoint's file pages until loading ends: 2.3 GB for a 1.1B model in bf16, the peak of its
+    run (bench/RESULTS.md). Here the fill, _load_state_dict_into_zero3_model (built for a part of the checkpoint at
+    a time), is given one shard at a time: each rank reads a shard (rank 0 its values, mapped; the others only its
+    shapes), fills what it holds, and drops it, unmapping it, before the next. The merged state dict transformers
+    built stays mapped, untouched, so its pages never enter RSS. It steps aside, to transformers' own fill, for a
+    one-file checkpoint, weight conversions other than renames, or a state dict whose keys are not the shards'.
+    tests/test_distributed.py pins the transformers code it relies on."""
+    import torch
+    import transformers.modeling_utils as modeling_utils
+    from transformers.core_model_loading import WeightRenaming
+
+    original = getattr(modeling_utils, "_load_state_dict_into_zero3_model", None)
+
+    def by_shard(model, state_dict, load_config=None):
+        weight_map = ((getattr(load_config, "sharded_metadata", None) or {}).get("weight_map") or {})
+        files = list(dict.fromkeys(weight_map.values()))
+        renames_only = all(isinstance(entry, WeightRenaming) for entry in getattr(load_config, "weight_mapping", None)
+                           or ())  # a key at a time; a WeightConverter may join keys from several shards
+        if len(files) < 2 or not renames_only or set(state_dict) != set(weight_map):
+            return original(model, state_dict, load_config)
+        where = "cpu" if torch.distributed.get_rank() == 0 else "meta"
+        errors, missing = [], None
+        for name in files:
+            shard = modeling_utils.load_state_dict(str(Path(folder) / name), map_location=where,
+                                                   weights_only=load_config.weights_only,
+                                                   disable_mmap=load_config.disable_mmap)
+            shard_errors, shard_missing = original(model, shard, load_config)
+            del shard
+            errors += shard_errors
+            missing = set(shard_missing) if missing is None else missing & set(shard_missing)
+        return errors, missing
+
+    if original is not None:
+        modeling_utils._load_state_dict_into_zero3_model = by_shard
+    try:
+        yield
+    finally:
+        if original is not None:
+            modeling_utils._load_state_dict_into_zero3_model = original
+
+
 def load_model(path, dtype, bits=16, device_map=None, local_files_only=False, attn_implementation="sdpa",
                trust_remote_code=False, sharded=False, max_memory=None):
     """Load a causal LM from a resolved path in `dtype`, optionally quantized to 4 or 8 bits. A model that ships
@@ -360,6 +405,11 @@ def load_model(path, dtype, bits=16, device_map=None, local_files_only=False, at
             device_map = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
         config = load_config(path, local_files_only, trust_remote_code)
         loading = _loading_to_quantize(getattr(config.get_text_config(), "vocab_size", None))
+    elif sharded and Path(path).is_dir():
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            loading = _zero3_loading_a_shard_at_a_time(path)
     own_attention = {} if ships_code(path) else {"attn_implementation": attn_implementation}
     with loading:
         return AutoModelForCausalLM.from_pretrained(
