@@ -20,7 +20,7 @@ from pathlib import Path
 import fire
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale_out import ENGINES, command  # noqa: E402
+from scale_out import ENGINES, command, training_processes  # noqa: E402
 
 MAPPING = re.compile(r"^[0-9a-f]+-[0-9a-f]+ ")
 
@@ -47,12 +47,6 @@ def rss_by_mapping(pid):
     return sizes
 
 
-def is_training_process(cmdline):
-    head = cmdline[:4]
-    return any(a.endswith("finetune.py") for a in head) and not any("launch" in a or "distributed.run" in a
-                                                                      for a in head)
-
-
 def main(engine="zero3", model=None, deepspeed=None, steps=2, cutoff_len=64, top=8):
     import psutil
 
@@ -69,9 +63,7 @@ def main(engine="zero3", model=None, deepspeed=None, steps=2, cutoff_len=64, top
     peaks, series = {}, collections.defaultdict(list)  # pid -> (seconds, status, by mapping); pid -> samples
     while proc.poll() is None:
         try:
-            for p in launcher.children(recursive=True):
-                if not is_training_process(p.cmdline()):
-                    continue
+            for p in training_processes(launcher):
                 now, fields = round(time.time() - t0, 1), status(p.pid)
                 series[p.pid].append((now, fields["RssAnon"] >> 20, fields["RssFile"] >> 20))
                 if fields["VmRSS"] > peaks.get(p.pid, (0, {"VmRSS": 0}))[1]["VmRSS"]:

@@ -42,6 +42,15 @@ def command(engine, model, out, steps, cutoff_len):
         [f"--deepspeed={engine}"] if engine.startswith("zero") else [])
 
 
+def training_processes(launcher):
+    """The finetune.py ranks under a launcher's psutil.Process (torchrun, accelerate launch), not the launchers."""
+    for p in launcher.children(recursive=True):
+        head = p.cmdline()[:4]
+        if any(a.endswith("finetune.py") for a in head) and not any("launch" in a or "distributed.run" in a
+                                                                      for a in head):
+            yield p
+
+
 def run(engine, model, out, steps, cutoff_len):
     """Launch one engine; returns (peak RSS of each training process, tokens/s, seconds, the fast-path line)."""
     import psutil
@@ -53,9 +62,8 @@ def run(engine, model, out, steps, cutoff_len):
     launcher = psutil.Process(proc.pid)
     while proc.poll() is None:
         try:
-            for p in launcher.children(recursive=True):
-                if "finetune.py" in " ".join(p.cmdline()) and "torch.distributed.run" not in " ".join(p.cmdline()):
-                    peaks[p.pid] = max(peaks.get(p.pid, 0), p.memory_info().rss)
+            for p in training_processes(launcher):
+                peaks[p.pid] = max(peaks.get(p.pid, 0), p.memory_info().rss)
         except psutil.Error:
             pass
         time.sleep(0.1)

@@ -81,8 +81,6 @@ def data(tmp_path_factory):
     return path
 
 
-
-
 @pytest.fixture(scope="module")
 def sharded_tiny(tiny_model_dir, tmp_path_factory):
     """tiny_model_dir's weights, moved off the seed's initial values (a weight the load skipped would otherwise come

@@ -361,6 +361,9 @@ def _zero3_loading_a_shard_at_a_time(folder):
     from transformers.core_model_loading import WeightRenaming
 
     original = getattr(modeling_utils, "_load_state_dict_into_zero3_model", None)
+    if original is None:  # nothing to hand shards to: transformers' own load
+        yield
+        return
 
     def by_shard(model, state_dict, load_config=None):
         weight_map = ((getattr(load_config, "sharded_metadata", None) or {}).get("weight_map") or {})
@@ -381,13 +384,11 @@ def _zero3_loading_a_shard_at_a_time(folder):
             missing = set(shard_missing) if missing is None else missing & set(shard_missing)
         return errors, missing
 
-    if original is not None:
-        modeling_utils._load_state_dict_into_zero3_model = by_shard
+    modeling_utils._load_state_dict_into_zero3_model = by_shard
     try:
         yield
     finally:
-        if original is not None:
-            modeling_utils._load_state_dict_into_zero3_model = original
+        modeling_utils._load_state_dict_into_zero3_model = original
 
 
 def load_model(path, dtype, bits=16, device_map=None, local_files_only=False, attn_implementation="sdpa",
