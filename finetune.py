@@ -18,7 +18,7 @@ from pathlib import Path
 
 from utils.data import Collator, Encoder, split_validation, summary
 from utils.preference import PREF_DEMO, Pairs, PreferenceEncoder, pair_summary, preference_flags
-from utils.distributed import adapter_in_checkpoints, deepspeed_config, engine, sharding_problem, started
+from utils.distributed import adapter_in_checkpoints, deepspeed_config, engine, sharding_problem, training_under
 from utils.errors import is_main_process, run_cli
 from utils.files import output_problem
 from utils.flags import OPTIMIZERS, SCHEDULERS, Checks, report_to_list
@@ -224,11 +224,10 @@ def main(
         loss = functools.partial(causal_lm_loss, head=head, workspace=None if bits < 16 else {})
         trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val, compute_loss_func=loss,
                           data_collator=Collator(tokenizer.pad_token_id, packing), callbacks=hooks)
-    started(trainer, sharding)
     if skipped:
         say(f"resuming from {resume.name}; passed over {', '.join(p.name for p in skipped)}, "
             "cut short by an earlier run")
-    with cleaned_up_on_write_errors(out):
+    with cleaned_up_on_write_errors(out), training_under(trainer, sharding):
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     train_loss = run_loss.mean(trainer.state, result.training_loss)  # the whole run's, also after a resume
     eval_loss = trainer.evaluate()["eval_loss"] if val is not None else None

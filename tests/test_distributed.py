@@ -284,3 +284,65 @@ def test_zero3_shard_at_a_time_relies_on_transformers_filling_parts():
     assert "if k in state_dict:" in fill and "missing_keys.discard(k)" in fill and "return error_msgs" in fill
     assert list(inspect.signature(modeling_utils.load_state_dict).parameters)[:4] == [
         "checkpoint_file", "map_location", "weights_only", "disable_mmap"]
+
+
+def test_fsdp2_load_asks_for_each_weight_once_after_sending_the_one_before(tmp_path, monkeypatch):
+    """What utils.distributed.training_under relies on to drop each sent weight's mapped pages on rank 0:
+    accelerate's fsdp2_load_full_state_dict asks the full state dict for each weight once (full_sd[name]), in the
+    model's order, and has broadcast it before it asks for the next. If this changes, PagesDroppedOnceSent must
+    be rewritten or removed."""
+    import copy
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from accelerate.utils import fsdp_utils
+    from torch.distributed.fsdp import fully_shard
+
+    sent, asked = [], []
+    broadcast = dist.broadcast
+    monkeypatch.setattr(dist, "broadcast", lambda tensor, *a, **k: sent.append(1) or broadcast(tensor, *a, **k))
+
+    class Recording(dict):
+        def __getitem__(self, key):
+            asked.append((key, len(sent)))
+            return super().__getitem__(key)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        whole = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+        model = copy.deepcopy(whole).to("meta")
+        fully_shard(model)
+        fsdp_utils.fsdp2_load_full_state_dict(SimpleNamespace(is_main_process=True, device=torch.device("cpu")),
+                                              model, Recording(whole.state_dict()))
+        assert asked == [(name, i) for i, name in enumerate(whole.state_dict())]
+        assert all(torch.equal(value.full_tensor(), whole.state_dict()[name])
+                   for name, value in model.state_dict().items())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_zero3_gathers_at_most_two_layers_where_the_config_says_auto():
+    """Our zero3 configs leave stage3_max_live_parameters and stage3_max_reuse_distance "auto": set before the
+    model loads, to two decoder layers' parameters and 0, in the config the Trainer and zero.Init read. A user's
+    numbers stay; other stages are left alone."""
+    from transformers import LlamaConfig
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from utils.distributed import decoder_layer_parameters, size_zero3_gathering
+
+    shape = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4)
+    layer = 2048 * 2048 * 2 + 2048 * 256 * 2 + 3 * 2048 * 5632  # q, o; k, v; gate, up, down: TinyLlama's layer
+    assert decoder_layer_parameters(shape) == layer
+    try:
+        shipped = HfDeepSpeedConfig(json.loads((ROOT / "configs" / "deepspeed" / "zero3.json").read_text()))
+        assert size_zero3_gathering(shape) == {"stage3_max_live_parameters": 2 * layer, "stage3_max_reuse_distance": 0}
+        assert shipped.config["zero_optimization"]["stage3_max_live_parameters"] == 2 * layer
+        own = HfDeepSpeedConfig({"zero_optimization": {"stage": 3, "stage3_max_live_parameters": 5e8,
+                                                       "stage3_max_reuse_distance": "auto"}})
+        assert size_zero3_gathering(shape) == {"stage3_max_reuse_distance": 0}
+        assert own.config["zero_optimization"]["stage3_max_live_parameters"] == 5e8
+        stage2 = HfDeepSpeedConfig({"zero_optimization": {"stage": 2}})
+        assert size_zero3_gathering(shape) is None and stage2.config == {"zero_optimization": {"stage": 2}}
+    finally:
+        unset_hf_deepspeed_config()

@@ -100,3 +100,48 @@ def test_returning_freed_memory_stops_the_heap_holding_temporaries():
     returned, kept = growth(True)
     assert returned < kept + 16, (f"{returned - kept} MB of freed temporaries stayed resident "
                                   f"({held - kept} MB without returning_freed_memory)")
+
+
+def test_sharded_training_on_cpu_returns_freed_memory_from_before_loading(tiny_model_dir, monkeypatch):
+    """ZeRO-3 and FSDP2 gather each weight and free it at every use. A heap told to keep freed memory (the
+    one-device choice, reuse_freed_memory) held 4-8 GB a rank of them on the 1.1B bench model, whose ranks need
+    about 2.3 GB (bench/RESULTS.md): sharded runs return freed memory, from before the load on."""
+    import utils.memory
+    import utils.model
+    from utils.train import lora_for_training
+
+    calls, load = [], utils.model.load_model
+    monkeypatch.setattr(utils.memory, "reuse_freed_memory", lambda: calls.append("keep"))
+    monkeypatch.setattr(utils.memory, "return_freed_memory", lambda: calls.append("return"))
+    monkeypatch.setattr(utils.model, "load_model", lambda *a, **k: calls.append("load") or load(*a, **k))
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["auto"], "modules_to_save": []}
+    for sharding, expected in ((None, ["load", "keep"]), ("zero2", ["load", "keep"]), ("fsdp2", ["return", "load"]),
+                               ("zero3", ["return", "load"])):
+        calls.clear()
+        lora_for_training(tiny_model_dir, torch.float32, 16, "cpu", dict(lora), False, 64, 32, sharding=sharding)
+        assert calls == expected, sharding
+
+
+@glibc_only
+def test_dropped_file_pages_leave_rss_and_keep_their_values(tmp_path):
+    """drop_file_pages (FSDP2's rank 0 drops each weight's mapped pages once sent) takes a mapped weight's pages
+    out of RSS and every value stays; a weight with a page written to, or in anonymous memory, is left alone."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from utils.memory import drop_file_pages, file_mappings, proc_bytes
+
+    config = LlamaConfig(hidden_size=512, intermediate_size=2048, num_hidden_layers=1, num_attention_heads=4,
+                         vocab_size=256)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    up, down = model.model.layers[0].mlp.up_proj.weight.detach(), model.model.layers[0].mlp.down_proj.weight.detach()
+    assert (mapped_file(up) or "").endswith(".safetensors")  # transformers maps a checkpoint in its dtype
+    values, before = up.clone(), proc_bytes("/proc/self/status", "RssFile")
+    assert drop_file_pages(up, file_mappings()) >= up.numel() * 4
+    assert before - proc_bytes("/proc/self/status", "RssFile") >= 3 << 20  # of its 4 MB
+    assert torch.equal(up, values)
+
+    down[0, 0] += 1  # a written page is a private copy now: dropping it would lose the write
+    written = down[0, 0].item()
+    assert drop_file_pages(down, file_mappings()) == 0 and down[0, 0].item() == written
+    assert drop_file_pages(up.clone(), file_mappings()) == 0

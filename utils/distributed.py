@@ -57,6 +57,40 @@ def zero_stage(config):
     return config.get("zero_optimization", {}).get("stage", 0) if isinstance(config, dict) else None
 
 
+def decoder_layer_parameters(model_config):
+    """The parameters of one decoder layer of a transformers config (attention, and the MLP of every expert), or
+    None where the config lacks the sizes."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    hidden, heads = getattr(text, "hidden_size", None), getattr(text, "num_attention_heads", None)
+    mlp = getattr(text, "moe_intermediate_size", None) or getattr(text, "intermediate_size", None)
+    if not (isinstance(hidden, int) and isinstance(heads, int) and isinstance(mlp, int)) or heads <= 0:
+        return None
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    experts = getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None) or 1
+    return hidden * head_dim * 2 * (heads + kv_heads) + 3 * hidden * mlp * experts
+
+
+def size_zero3_gathering(model_config):
+    """Set a ZeRO-3 config's "auto" stage3_max_live_parameters and stage3_max_reuse_distance (ours are:
+    configs/deepspeed/zero3*.json) for this model, in the config the Trainer and zero.Init read, before the model
+    loads: at most two decoder layers' weights gathered at a time (the one computing, the next prefetched), and
+    none kept for reuse. DeepSpeed's default for both, 1e9, kept every weight of a 1.1B model gathered through a
+    step, 4.1 GB a rank against 2.3 GB (bench/RESULTS.md), and is about one layer of a 70B model. Returns what it
+    set ({} when nothing is "auto"), or None when the run is not ZeRO-3."""
+    from transformers.integrations.deepspeed import deepspeed_config as hf_config
+
+    zero = (hf_config() or {}).get("zero_optimization", {})
+    if zero.get("stage") != 3:
+        return None
+    layer = decoder_layer_parameters(model_config)
+    sizes = {"stage3_max_live_parameters": 2 * layer if layer else 10**9,  # DeepSpeed's default otherwise
+             "stage3_max_reuse_distance": 0}
+    chosen = {key: value for key, value in sizes.items() if zero.get(key) == "auto"}
+    zero.update(chosen)
+    return chosen
+
+
 def launched_fsdp_version():
     """The FSDP version `accelerate launch` set up for this process (its FSDP config), or None."""
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() not in ("1", "true"):
@@ -109,13 +143,53 @@ def engine(args):
     return f"fsdp{version or 1}" if version or getattr(args, "fsdp", None) else None
 
 
-def started(trainer, name):
-    """Refuse to train when the Trainer did not take up the engine `engine` named (an accelerate or
-    transformers version that handles it differently), rather than train without it unnoticed."""
+@contextlib.contextmanager
+def training_under(trainer, name):
+    """Wrap trainer.train() under the engine `engine` named. It refuses to train when the Trainer did not take the
+    engine up (an accelerate or transformers version that handles it differently), rather than train without it
+    unnoticed. Under FSDP2, rank 0 sends every weight of the model it loaded to the ranks' shards (accelerate's
+    fsdp2_load_full_state_dict, inside train()); those weights are the checkpoint's mapped pages, and each stayed
+    in rank 0's RSS until the last was sent: 2.3 GB of the 1.1B bench model, rank 0's peak (bench/RESULTS.md).
+    Here each weight's pages are dropped once it is sent (utils/memory.drop_file_pages). tests/test_distributed.py
+    pins the accelerate code this relies on."""
     took = ("zero" if trainer.is_deepspeed_enabled else "fsdp" if trainer.is_fsdp_enabled else None)
     if (name or "")[:4] != (took or "")[:4]:
         raise RuntimeError(f"the Trainer started {took or 'no engine'} where {name or 'none'} was asked for; "
                            f"check the accelerate and transformers versions against requirements.txt")
+    from accelerate.utils import fsdp_utils
+
+    original = getattr(fsdp_utils, "fsdp2_load_full_state_dict", None)
+    if name != "fsdp2" or original is None:
+        yield
+        return
+
+    def sending(accelerator, model, full_sd, *args, **kwargs):
+        return original(accelerator, model, PagesDroppedOnceSent(full_sd), *args, **kwargs)
+
+    fsdp_utils.fsdp2_load_full_state_dict = sending
+    try:
+        yield
+    finally:
+        fsdp_utils.fsdp2_load_full_state_dict = original
+
+
+class PagesDroppedOnceSent(dict):
+    """A full state dict that drops the mapped pages of the weight it last gave out when the next is asked for:
+    accelerate's fsdp2_load_full_state_dict asks for each weight (full_sd[name]) after sending the one before."""
+
+    def __init__(self, state_dict):
+        from utils.memory import file_mappings
+
+        super().__init__(state_dict)
+        self.mappings, self.last = file_mappings(), None
+
+    def __getitem__(self, key):
+        from utils.memory import drop_file_pages
+
+        if self.last is not None:
+            drop_file_pages(self.last, self.mappings)
+        self.last = value = super().__getitem__(key)
+        return value
 
 
 def shards_weights(name):

@@ -10,6 +10,9 @@ resident. Two phases want opposite things from it:
   and it dequantizes every weight into a fresh temporary at every use: a heap that kept those grew by
   about one MLP weight per layer, so quantized runs keep returning it, at the price of page faults
   (figures in bench/RESULTS.md, QLoRA memory).
+- ZeRO-3 and FSDP2 gather every weight at each use and free it after: a heap that kept those grew to 4-8 GB a
+  rank on CPU for a 1.1B model that needs 2.3 GB, so sharded runs return freed memory from before loading on
+  (utils/train.lora_for_training; bench/RESULTS.md, scale-out).
 Every function is a no-op where there is no glibc or no /proc.
 """
 import contextlib
@@ -99,3 +102,58 @@ def reuse_freed_memory():
         return False
     return all(libc.mallopt(option, value) == 1 for option, value in
                ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 2**30)))
+
+
+
+MADV_DONTNEED = 4
+
+
+def file_mappings():
+    """[(start, end, path)] of this process's mappings of files, from /proc/self/maps; [] where there is none."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    mappings = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            mappings.append((start, end, fields[5]))
+    return mappings
+
+
+def _only_file_pages(start, end, page):
+    """Whether no page of [start, end) is a private copy (/proc/self/pagemap: present and not a file page)."""
+    import numpy as np
+
+    try:
+        with open("/proc/self/pagemap", "rb") as pagemap:
+            pagemap.seek(start // page * 8)
+            entries = np.frombuffer(pagemap.read((end - start) // page * 8), dtype=np.uint64)
+    except OSError:
+        return False
+    present, file_page = (entries >> np.uint64(63)) & np.uint64(1), (entries >> np.uint64(61)) & np.uint64(1)
+    return len(entries) == (end - start) // page and not np.any(present & (file_page ^ np.uint64(1)))
+
+
+def drop_file_pages(tensor, mappings, suffix=".safetensors"):
+    """Take the pages of a tensor that lies in one of `mappings` (file_mappings), of a file named *suffix, out of
+    this process's RSS (madvise MADV_DONTNEED), when every page of it is still the file's (none written to, which
+    would have made it a private copy). Such pages are clean: should the tensor be read again, the kernel maps
+    them again from the page cache, so no value changes. Returns the bytes dropped: 0 for a tensor in anonymous
+    memory or with a written page, or where madvise or /proc/self/pagemap is missing."""
+    import mmap
+
+    libc = _libc()
+    if libc is None or not hasattr(libc, "madvise") or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return 0
+    page, first, size = mmap.PAGESIZE, tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    start, end = first // page * page, -(-(first + size) // page) * page
+    for low, high, path in mappings:  # mappings start and end on page boundaries
+        if low <= start and end <= high and path.endswith(suffix):
+            if not _only_file_pages(start, end, page):
+                return 0
+            done = libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED) == 0
+            return end - start if done else 0
+    return 0

@@ -24,17 +24,21 @@ def lora_for_training(model_path, dtype, bits, device, lora, checkpointing, toke
     from utils.fast import attention_for, prepare_for_training, register_packed_attention
     from utils.lora import find_target_modules, lora_config
     from utils.memory import return_freed_memory, reuse_freed_memory
-    from utils.distributed import shards_weights
-    from utils.model import load_model
+    from utils.distributed import shards_weights, size_zero3_gathering
+    from utils.model import load_config, load_model
 
     register_packed_attention()
+    gathers = device == "cpu" and shards_weights(sharding)  # ZeRO-3, FSDP2: every use gathers a weight and frees it
+    if gathers:  # from loading on (ZeRO-3 fills its shards from temporaries): freed memory goes back (utils/memory)
+        return_freed_memory()
+    gathered = size_zero3_gathering(load_config(model_path, local_files_only, trust_remote_code)) if sharding else None
     model = load_model(model_path, dtype, bits, local_files_only=local_files_only,
                        attn_implementation=attention_for(device), trust_remote_code=trust_remote_code,
                        sharded=shards_weights(sharding))
     memory_first = bits < 16  # a 4/8-bit base exists to save memory: recompute activations, return freed memory
-    if device == "cpu" and not memory_first:  # keep freed activations for the next step
+    if device == "cpu" and not memory_first and not gathers:  # keep freed activations for the next step
         reuse_freed_memory()
-    elif device == "cpu":  # a 4/8-bit base hands its dequantized temporaries back (utils/memory says why)
+    elif device == "cpu" and not gathers:  # a 4/8-bit base hands its dequantized temporaries back (utils/memory)
         return_freed_memory()
     model.config.use_cache = False  # a cache would also disable packed-sequence attention
     # A quantized base needs no more preparation than a 16-bit one: peft's prepare_model_for_kbit_training
@@ -66,7 +70,9 @@ def lora_for_training(model_path, dtype, bits, device, lora, checkpointing, toke
               f"LoRA r={lora['r']} on {', '.join(targets)}   trainable {trainable:,} of {total:,} parameters\n"
               f"activation checkpointing: {'on' if checkpointing else 'off'}"
               + (f"   {torch.get_num_threads()} CPU threads" if device == "cpu" else "")
-              + f"   fast path: {', '.join(fast)}" + (f"   engine: {sharding}" if sharding else ""))
+              + f"   fast path: {', '.join(fast)}" + (f"   engine: {sharding}" if sharding else "")
+              + (f" (at most {gathered['stage3_max_live_parameters']:,} parameters gathered)"
+                 if gathered and "stage3_max_live_parameters" in gathered else ""))
     return model, head, bool(checkpointing), banner
 
 
