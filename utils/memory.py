@@ -104,7 +104,6 @@ def reuse_freed_memory():
                ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 2**30)))
 
 
-
 MADV_DONTNEED = 4
 
 
@@ -124,7 +123,8 @@ def file_mappings():
 
 
 def _only_file_pages(start, end, page):
-    """Whether no page of [start, end) is a private copy (/proc/self/pagemap: present and not a file page)."""
+    """Whether no page of [start, end) is a private copy (/proc/self/pagemap: in memory or swapped out, and not a
+    file page)."""
     import numpy as np
 
     try:
@@ -133,8 +133,8 @@ def _only_file_pages(start, end, page):
             entries = np.frombuffer(pagemap.read((end - start) // page * 8), dtype=np.uint64)
     except OSError:
         return False
-    present, file_page = (entries >> np.uint64(63)) & np.uint64(1), (entries >> np.uint64(61)) & np.uint64(1)
-    return len(entries) == (end - start) // page and not np.any(present & (file_page ^ np.uint64(1)))
+    present, swapped, file_page = ((entries >> np.uint64(n)) & np.uint64(1) for n in (63, 62, 61))
+    return len(entries) == (end - start) // page and not np.any((present | swapped) & (file_page ^ np.uint64(1)))
 
 
 def drop_file_pages(tensor, mappings, suffix=".safetensors"):

@@ -31,7 +31,8 @@ def lora_for_training(model_path, dtype, bits, device, lora, checkpointing, toke
     gathers = device == "cpu" and shards_weights(sharding)  # ZeRO-3, FSDP2: every use gathers a weight and frees it
     if gathers:  # from loading on (ZeRO-3 fills its shards from temporaries): freed memory goes back (utils/memory)
         return_freed_memory()
-    gathered = size_zero3_gathering(load_config(model_path, local_files_only, trust_remote_code)) if sharding else None
+    gathered = (size_zero3_gathering(load_config(model_path, local_files_only, trust_remote_code))
+                if sharding == "zero3" else None)  # before zero.Init reads the config
     model = load_model(model_path, dtype, bits, local_files_only=local_files_only,
                        attn_implementation=attention_for(device), trust_remote_code=trust_remote_code,
                        sharded=shards_weights(sharding))
