@@ -237,31 +237,35 @@ def test_num_gpus_spreads_over_the_first_n_gpus(monkeypatch):
     assert device_map_for(2) == (None, None)
 
 
+@pytest.fixture
+def one_process_group(tmp_path):
+    """torch.distributed with a gloo group of this one process, torn down after the test if it still stands."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("fails", [False, True])
-def test_a_finished_run_leaves_its_process_group(fails, tmp_path, monkeypatch):
+def test_a_finished_run_leaves_its_process_group(fails, one_process_group, monkeypatch):
     """run_cli tears the process group down after main succeeded (gloo's threads left to the interpreter's exit
     aborted a rank, pytorch #190489), and leaves it alone after a UserError: the other ranks may wait in a
     collective, and a barrier there would hang."""
-    import torch.distributed as dist
-
     from utils.errors import UserError, run_cli
 
     def main():
         if fails:
             raise UserError("no.")
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     monkeypatch.setattr(sys, "argv", ["finetune.py"])
-    try:
-        if fails:
-            with pytest.raises(SystemExit):
-                run_cli(main)
-        else:
+    if fails:
+        with pytest.raises(SystemExit):
             run_cli(main)
-        assert dist.is_initialized() is fails
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    else:
+        run_cli(main)
+    assert one_process_group.is_initialized() is fails
 
 
 def test_zero3_shard_at_a_time_relies_on_transformers_filling_parts():
@@ -286,7 +290,7 @@ def test_zero3_shard_at_a_time_relies_on_transformers_filling_parts():
         "checkpoint_file", "map_location", "weights_only", "disable_mmap"]
 
 
-def test_fsdp2_load_asks_for_each_weight_once_after_sending_the_one_before(tmp_path, monkeypatch):
+def test_fsdp2_load_asks_for_each_weight_once_after_sending_the_one_before(one_process_group, monkeypatch):
     """What utils.distributed.training_under relies on to drop each sent weight's mapped pages on rank 0:
     accelerate's fsdp2_load_full_state_dict asks the full state dict for each weight once (full_sd[name]), in the
     model's order, and has broadcast it before it asks for the next. If this changes, PagesDroppedOnceSent must
@@ -294,11 +298,10 @@ def test_fsdp2_load_asks_for_each_weight_once_after_sending_the_one_before(tmp_p
     import copy
     from types import SimpleNamespace
 
-    import torch.distributed as dist
     from accelerate.utils import fsdp_utils
     from torch.distributed.fsdp import fully_shard
 
-    sent, asked = [], []
+    dist, sent, asked = one_process_group, [], []
     broadcast = dist.broadcast
     monkeypatch.setattr(dist, "broadcast", lambda tensor, *a, **k: sent.append(1) or broadcast(tensor, *a, **k))
 
@@ -307,18 +310,14 @@ def test_fsdp2_load_asks_for_each_weight_once_after_sending_the_one_before(tmp_p
             asked.append((key, len(sent)))
             return super().__getitem__(key)
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        whole = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
-        model = copy.deepcopy(whole).to("meta")
-        fully_shard(model)
-        fsdp_utils.fsdp2_load_full_state_dict(SimpleNamespace(is_main_process=True, device=torch.device("cpu")),
-                                              model, Recording(whole.state_dict()))
-        assert asked == [(name, i) for i, name in enumerate(whole.state_dict())]
-        assert all(torch.equal(value.full_tensor(), whole.state_dict()[name])
-                   for name, value in model.state_dict().items())
-    finally:
-        dist.destroy_process_group()
+    whole = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    model = copy.deepcopy(whole).to("meta")
+    fully_shard(model)
+    fsdp_utils.fsdp2_load_full_state_dict(SimpleNamespace(is_main_process=True, device=torch.device("cpu")),
+                                          model, Recording(whole.state_dict()))
+    assert asked == [(name, i) for i, name in enumerate(whole.state_dict())]
+    assert all(torch.equal(value.full_tensor(), whole.state_dict()[name])
+               for name, value in model.state_dict().items())
 
 
 def test_zero3_gathers_at_most_two_layers_where_the_config_says_auto():

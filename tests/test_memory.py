@@ -15,13 +15,10 @@ glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not Path("/
 
 def mapped_file(tensor):
     """The file whose mapping holds this tensor's memory, or None for anonymous memory."""
+    from utils.memory import file_mappings
+
     address = tensor.data_ptr()
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        fields = line.split(maxsplit=5)
-        start, end = (int(x, 16) for x in fields[0].split("-"))
-        if start <= address < end:
-            return fields[5] if len(fields) > 5 and fields[5].startswith("/") else None
-    return None
+    return next((path for start, end, path in file_mappings() if start <= address < end), None)
 
 
 @glibc_only

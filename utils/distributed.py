@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from utils.errors import UserError
+from utils.memory import drop_file_pages, file_mappings
 
 DEEPSPEED = "deepspeed==0.19.8"  # the version tested here (requirements-dev.txt)
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -178,14 +179,10 @@ class PagesDroppedOnceSent(dict):
     accelerate's fsdp2_load_full_state_dict asks for each weight (full_sd[name]) after sending the one before."""
 
     def __init__(self, state_dict):
-        from utils.memory import file_mappings
-
         super().__init__(state_dict)
         self.mappings, self.last = file_mappings(), None
 
     def __getitem__(self, key):
-        from utils.memory import drop_file_pages
-
         if self.last is not None:
             drop_file_pages(self.last, self.mappings)
         self.last = value = super().__getitem__(key)

@@ -392,13 +392,17 @@ def _zero3_loading_a_shard_at_a_time(folder):
 
 
 def load_model(path, dtype, bits=16, device_map=None, local_files_only=False, attn_implementation="sdpa",
-               trust_remote_code=False, sharded=False, max_memory=None):
+               trust_remote_code=False, engine=None, max_memory=None):
     """Load a causal LM from a resolved path in `dtype`, optionally quantized to 4 or 8 bits. A model that ships
-    its own code gets no attn_implementation: its attention is its own. `sharded`: FSDP or ZeRO-3 will shard
-    it (no device map: the engine places it; ZeRO-3 loads it sharded already)."""
+    its own code gets no attn_implementation: its attention is its own. `engine` (utils/distributed.engine): under
+    one that shards the weights (FSDP, ZeRO-3) no device map, as the engine places it; ZeRO-3 loads it sharded
+    already, a checkpoint shard at a time."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from utils.distributed import shards_weights
+
+    sharded = shards_weights(engine)
     qconfig = quantization_config(bits, dtype, sharded)
     loading = contextlib.nullcontext()  # 16-bit shards in the wanted dtype are used as mapped: nothing is copied
     if qconfig is not None:
@@ -406,11 +410,8 @@ def load_model(path, dtype, bits=16, device_map=None, local_files_only=False, at
             device_map = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
         config = load_config(path, local_files_only, trust_remote_code)
         loading = _loading_to_quantize(getattr(config.get_text_config(), "vocab_size", None))
-    elif sharded and Path(path).is_dir():
-        from transformers.integrations import is_deepspeed_zero3_enabled
-
-        if is_deepspeed_zero3_enabled():
-            loading = _zero3_loading_a_shard_at_a_time(path)
+    elif engine == "zero3" and Path(path).is_dir():
+        loading = _zero3_loading_a_shard_at_a_time(path)
     own_attention = {} if ships_code(path) else {"attn_implementation": attn_implementation}
     with loading:
         return AutoModelForCausalLM.from_pretrained(

@@ -28,19 +28,20 @@ def lora_for_training(model_path, dtype, bits, device, lora, checkpointing, toke
     from utils.model import load_config, load_model
 
     register_packed_attention()
-    gathers = device == "cpu" and shards_weights(sharding)  # ZeRO-3, FSDP2: every use gathers a weight and frees it
+    gathers = device == "cpu" and shards_weights(sharding)  # ZeRO-3, FSDP2: every use gathers a weight, then frees it
     if gathers:  # from loading on (ZeRO-3 fills its shards from temporaries): freed memory goes back (utils/memory)
         return_freed_memory()
     gathered = (size_zero3_gathering(load_config(model_path, local_files_only, trust_remote_code))
                 if sharding == "zero3" else None)  # before zero.Init reads the config
     model = load_model(model_path, dtype, bits, local_files_only=local_files_only,
                        attn_implementation=attention_for(device), trust_remote_code=trust_remote_code,
-                       sharded=shards_weights(sharding))
+                       engine=sharding)
     memory_first = bits < 16  # a 4/8-bit base exists to save memory: recompute activations, return freed memory
-    if device == "cpu" and not memory_first and not gathers:  # keep freed activations for the next step
-        reuse_freed_memory()
-    elif device == "cpu" and not gathers:  # a 4/8-bit base hands its dequantized temporaries back (utils/memory)
-        return_freed_memory()
+    if device == "cpu" and not gathers:  # (a sharded run's choice is made above, before loading)
+        if memory_first:  # a 4/8-bit base hands its dequantized temporaries back (utils/memory says why)
+            return_freed_memory()
+        else:  # keep freed activations for the next step
+            reuse_freed_memory()
     model.config.use_cache = False  # a cache would also disable packed-sequence attention
     # A quantized base needs no more preparation than a 16-bit one: peft's prepare_model_for_kbit_training
     # would copy the embeddings, norms and lm_head to fp32 (bench/RESULTS.md), and autocast
@@ -66,14 +67,14 @@ def lora_for_training(model_path, dtype, bits, device, lora, checkpointing, toke
         checkpointing = memory_first or needs_checkpointing(model.config, tokens_per_step, length, dtype.itemsize,
                                                             device, logits=head is None)
     trainable, total = model.get_nb_trainable_parameters()
+    live = (gathered or {}).get("stage3_max_live_parameters")  # what size_zero3_gathering set, if it set it
     quantized = sum(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
     banner = (f"base: {str(dtype)[6:]}, {bits}-bit, {quantized} quantized linear layers   "
               f"LoRA r={lora['r']} on {', '.join(targets)}   trainable {trainable:,} of {total:,} parameters\n"
               f"activation checkpointing: {'on' if checkpointing else 'off'}"
               + (f"   {torch.get_num_threads()} CPU threads" if device == "cpu" else "")
               + f"   fast path: {', '.join(fast)}" + (f"   engine: {sharding}" if sharding else "")
-              + (f" (at most {gathered['stage3_max_live_parameters']:,} parameters gathered)"
-                 if gathered and "stage3_max_live_parameters" in gathered else ""))
+              + (f" (at most {live:,} parameters gathered)" if live else ""))
     return model, head, bool(checkpointing), banner
 
 
