@@ -229,14 +229,15 @@ def main(records=64, cutoff_len=512, batch=8, lr=5e-4, use_4bit=False, qlora=Fal
     print(f";  eval loss within 2% of baseline: {worse:+.1%} {'met' if worse <= 0.02 else 'NOT met'}")
 
 
-def tinyllama_shaped(model_dir):
-    """A random model of TinyLlama-1.1B's shape with the built-in tokenizer, saved in bf16 in 500 MB shards."""
+def tinyllama_shaped(model_dir, tokenizer_dir=None):
+    """A random model of TinyLlama-1.1B's shape with the built-in tokenizer (or the one in tokenizer_dir), saved in
+    bf16 in 500 MB shards."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from utils.model import builtin_path, load_tokenizer
 
-    tokenizer = load_tokenizer(builtin_path())
+    tokenizer = load_tokenizer(tokenizer_dir or builtin_path())
     config = LlamaConfig(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, num_attention_heads=32,
                          num_key_value_heads=4, vocab_size=len(tokenizer), max_position_embeddings=2048,
                          tie_word_embeddings=False,
