@@ -134,8 +134,7 @@ def main(
     max_steps, seed = c.integer("max_steps", max_steps, -1), c.integer("seed", seed, 0)
     c.add("--max_steps must be -1 (train --num_epochs) or above 0, got 0" if max_steps == 0 else None)
     num_epochs = num_epochs if num_epochs == "auto" else c.number("num_epochs", num_epochs, 0, above_low=True)
-    learning_rate = c.number("learning_rate", learning_rate, 0, above_low=True, none=True) or (
-        2e-4 if stage == "dpo" else 5e-4)  # README: a lower default for preference training
+    learning_rate = c.number("learning_rate", learning_rate, 0, above_low=True, none=True)
     lora_r, lora_alpha = c.integer("lora_r", lora_r, 1), c.number("lora_alpha", lora_alpha, 0, above_low=True)
     lora_dropout = c.number("lora_dropout", lora_dropout, 0, 1, below_high=True)
     warmup_ratio = c.number("warmup_ratio", warmup_ratio, 0, 1, below_high=True)
@@ -188,13 +187,14 @@ def main(
 
     from utils.fast import causal_lm_loss
     from utils.preference_training import preference_trainer
-    from utils.train import auto_epochs, lora_for_training, run_loss_callback, throughput_callback
+    from utils.train import auto_epochs, auto_learning_rate, lora_for_training, run_loss_callback, throughput_callback
 
     set_seed(seed)
     dtype = pick_dtype(precision, device := pick_device())
     if packing and ships_code(model_path):
         packing = say("packing off: the model's own code does not keep packed examples apart") or False
     num_epochs = auto_epochs(len(train), per_device_train_batch_size * gradient_accumulation_steps, num_epochs, stage)
+    learning_rate = auto_learning_rate(learning_rate, stage)
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=per_device_train_batch_size, optim=optim, seed=seed,
         per_device_eval_batch_size=per_device_train_batch_size, gradient_accumulation_steps=gradient_accumulation_steps,

@@ -1,5 +1,6 @@
 """Fixtures: the built-in SmolLM2 (converted once per machine) and a tiny LLaMA that shares its tokenizer."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,19 @@ RECORDS = [
     {"conversations": [{"from": "human", "value": "Capital of France?"}, {"from": "gpt", "value": "Paris."}]},
     {"instruction": "写一句诗", "input": "", "output": "床前明月光。"},
 ] * 3
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporary_files_in_pytest_folder(tmp_path_factory):
+    """Temporary files of this run, its launched processes' too (torchrun leaves a torchelastic_* folder behind),
+    go under pytest's own folder, which pytest prunes, instead of piling up in /tmp."""
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tmp"))
+    yield
+    if before is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before
 
 
 @pytest.fixture(scope="session")

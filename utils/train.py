@@ -95,6 +95,12 @@ def auto_epochs(examples, examples_per_update, num_epochs="auto", stage="sft"): 
     return max(AUTO_EPOCHS, min(AUTO_MAX_EPOCHS, math.ceil(AUTO_MIN_UPDATES / max(per_epoch, 1))))
 
 
+def auto_learning_rate(learning_rate=None, stage="sft"):
+    """`learning_rate`, or when it is not given: 5e-4, or 2e-4 for --stage=dpo (at SFT's rate the demo pairs pushed
+    the chosen answers down with the rejected ones: README)."""
+    return learning_rate or (2e-4 if stage == "dpo" else 5e-4)
+
+
 def throughput_callback():
     """A TrainerCallback that measures real (non-pad) tokens per second after the first update (warm-up)."""
     import time
