@@ -6,7 +6,7 @@
 #
 # The GPU image has torch (CUDA), accelerate, safetensors, tokenizers and huggingface-hub, but not our pins of
 # transformers, peft, datasets, bitsandbytes, deepspeed or fire; and nothing can be fetched there. So `prepare`
-# downloads those wheels (about 62 MB: under the device tool's 64 MiB with the repo) and packs the built-in model's
+# downloads those wheels (61 MiB: under the device tool's 64 MiB with the repo) and packs the built-in model's
 # tokenizer (the model itself, 93 MB as a wheel, does not fit: the checks build a random 1.1B model there).
 # With the device tool:  run(command="bash bench/gpu_check.sh", carry=[".whl", ".gpu"], timeout_s=560)
 set -euo pipefail

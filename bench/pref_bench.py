@@ -1,7 +1,7 @@
 """Preference training: our finetune.py --stage=dpo against TRL's DPOTrainer, on this CPU, in one run.
 
     python bench/pref_bench.py                 # built-in SmolLM2, 200 pairs of dpo_en_demo.json, 50 held back
-    python bench/pref_bench.py --seeds=42,1,7     # each arm once per seed; the targets compare the means
+    python bench/pref_bench.py --seeds=42,1,7,2,3,4   # each arm once per seed; targets on the means (RESULTS)
     python bench/pref_bench.py --max_steps=2 --held=4 --arms=ours   # a smoke run: no figures to quote
     python bench/pref_bench.py --arms=trl,ours,ours_kept --seeds=42,1,7   # also ours on the pairs TRL keeps
 
