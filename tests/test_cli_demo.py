@@ -1,5 +1,6 @@
 """cli_demo.py: flags, one-shot mode, and the interactive chat driven in a pseudo-terminal."""
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -64,8 +65,10 @@ def models(tiny_model_dir):
 @pytest.mark.parametrize("which", ["tiny", "builtin"])
 def test_interactive_chat_in_a_terminal(which, tiny_model_dir, smollm2_dir):
     args = [str(ROOT / "cli_demo.py"), *models(tiny_model_dir)[which], "--seed=0"]
+    # Ctrl-C live, as in a user's terminal, also when the suite itself was started in the background, where SIGINT
+    # is ignored and a child would inherit that
     child = pexpect.spawn(sys.executable, args, encoding="utf-8", timeout=60, cwd="/", dimensions=(40, 200),
-                          env={**os.environ, **ENV})
+                          env={**os.environ, **ENV}, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         child.expect("User: ")
         child.sendline("Tell me a long story about a dragon.")
