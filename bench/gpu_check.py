@@ -20,7 +20,6 @@ check's); tokens/s is finetune's own figure (run_config.json). Prints one table;
 (gpu_check.sh: $OUT, which the device tool brings back).
 """
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,24 +34,13 @@ CHECKS = ("lora", "qlora", "zero3", "fsdp2", "fsdp2_qlora", "dpo")
 
 
 def command(check, model, out, steps):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    if check.startswith("fsdp2"):
-        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                    str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"), "--num_processes=1",
-                    f"--main_process_port={port}"]
-    elif check == "zero3":
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={port}"]
-    else:
-        launcher = [sys.executable]
-    data = ROOT / "data" / ("pref_demo.json" if check == "dpo" else "demo.json")
-    return launcher + [str(ROOT / "finetune.py"), f"--base_model={model}", f"--output_dir={out}",
-                       f"--data_path={data}", "--per_device_train_batch_size=4", "--cutoff_len=512",
-                       f"--max_steps={steps}", "--lora_r=16", "--lora_alpha=32", "--save_steps=1000000",
-                       "--report=False", "--overwrite_output_dir=True", "--logging_steps=1"] + (
-        ["--stage=dpo"] if check == "dpo" else []) + (["--deepspeed=zero3"] if check == "zero3" else []) + (
+    from scale_out import command as launched
+
+    engine = "fsdp2" if check.startswith("fsdp2") else "zero3" if check == "zero3" else None
+    flags = ["--logging_steps=1"] + (["--stage=dpo"] if check == "dpo" else []) + (
         ["--use_4bit=True"] if check.endswith("qlora") else [])
+    return launched(engine, model, out, steps, 512, processes=1, batch=4,
+                    data="pref_demo.json" if check == "dpo" else "demo.json", flags=flags)
 
 
 class GpuMemory:

@@ -25,21 +25,26 @@ sys.path.insert(0, str(ROOT / "bench"))
 ENGINES = ("ddp", "zero2", "zero3", "fsdp2")
 
 
-def command(engine, model, out, steps, cutoff_len):
+def command(engine, model, out, steps, cutoff_len, processes=2, batch=1, data="demo.json", flags=()):
+    """finetune.py as a user launches it under `engine` (ddp, zero2, zero3, fsdp2; None: plain python, one
+    process) on `processes` processes; bench/gpu_check.py uses it too."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    if engine == "fsdp2":
+    if engine is None:
+        launcher = [sys.executable]
+    elif engine == "fsdp2":
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                    str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"), "--num_processes=2",
+                    str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"), f"--num_processes={processes}",
                     f"--main_process_port={port}"]
     else:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
+        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+                    f"--master_port={port}"]
     return launcher + [str(ROOT / "finetune.py"), f"--base_model={model}", f"--output_dir={out}",
-                       f"--data_path={ROOT / 'data' / 'demo.json'}", "--per_device_train_batch_size=1",
+                       f"--data_path={ROOT / 'data' / data}", f"--per_device_train_batch_size={batch}",
                        f"--cutoff_len={cutoff_len}", f"--max_steps={steps}", "--lora_r=16", "--lora_alpha=32",
                        "--save_steps=1000000", "--report=False", "--overwrite_output_dir=True"] + (
-        [f"--deepspeed={engine}"] if engine.startswith("zero") else [])
+        [f"--deepspeed={engine}"] if engine and engine.startswith("zero") else []) + list(flags)
 
 
 def training_processes(launcher):
