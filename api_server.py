@@ -13,15 +13,16 @@ Any OpenAI client talks to it; a request's `model` picks an adapter by its name,
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both also streamed), GET /v1/models, GET /health.
 Every adapter is asked in the prompt template of its own run_config.json. Concurrent requests, for any mix of
-adapters, are decoded together, one batched forward per token (utils/serving.py); see utils/openai_api.py for
+adapters, are decoded together, one batched forward per token (utils/serve/engine.py); see utils/serve/openai_api.py for
 the request fields taken.
 """
 import socket
 import sys
 from pathlib import Path
 
-from utils.errors import UserError, run_cli
-from utils.flags import Checks
+from utils.core.cli import run_cli
+from utils.core.errors import UserError
+from utils.core.flags import Checks
 
 
 def adapter_flags(c, lora_model, lora_modules):
@@ -55,11 +56,11 @@ def load_served(load, adapters, base_model, local_files_only):
     run configs name different bases are refused before anything loads."""
     import torch
 
-    from utils.generation import stop_token_ids
-    from utils.model import load_for_inference, resolve_model_path
-    from utils.openai_api import Served
-    from utils.run_folder import BUILTIN, adapter_base, find_adapter, read_run_config
-    from utils.templates import resolve_template
+    from utils.core.run_folder import BUILTIN, adapter_base, find_adapter, read_run_config
+    from utils.data.templates import resolve_template
+    from utils.model.loading import load_for_inference, resolve_model_path
+    from utils.serve.generation import stop_token_ids
+    from utils.serve.openai_api import Served
 
     if not adapters:
         model, tokenizer, template, _ = load_for_inference(**load)
@@ -153,7 +154,7 @@ def main(model_path: str = None, lora_model: str = None, lora_modules: str = Non
         do_sample: Sample (True) or decode greedily (False) when a request gives no temperature.
         max_context: Tokens of prompt plus answer; default the model's context length.
     """
-    from utils import generation
+    from utils.serve import generation
 
     c = Checks()
     if model_path and (lora_model or lora_modules):
@@ -178,8 +179,8 @@ def main(model_path: str = None, lora_model: str = None, lora_modules: str = Non
 
     import uvicorn
 
-    from utils.openai_api import build_app
-    from utils.serving import Engine
+    from utils.serve.engine import Engine
+    from utils.serve.openai_api import build_app
 
     model, tokenizer, served, base = load_served(load, adapters, load["base_model"], load["local_files_only"])
     context = max_context or generation.context_length(model)

@@ -11,8 +11,9 @@ Ctrl-C during an answer stops that answer and returns to the prompt.
 """
 import sys
 
-from utils.errors import UserError, run_cli
-from utils.flags import Checks
+from utils.core.cli import run_cli
+from utils.core.errors import UserError
+from utils.core.flags import Checks
 
 COMMANDS_HELP = "Commands: clear (forget the conversation), exit or quit (or Ctrl-D). Ctrl-C stops an answer."
 
@@ -83,7 +84,7 @@ def main(model_path: str = None, lora_model: str = None, base_model: str = None,
         max_context: Tokens of prompt plus answer; default the model's context length. Older turns are
             left out when the conversation grows past it.
     """
-    from utils import generation
+    from utils.serve import generation
 
     c = Checks()
     load, max_context = generation.chat_model_flags(c, model_path, lora_model, base_model, template, input_pattern,
@@ -102,7 +103,7 @@ def main(model_path: str = None, lora_model: str = None, base_model: str = None,
     if one_shot and not query.strip():
         raise UserError("the question is empty; pass --prompt=\"...\" or pipe a question on stdin.")
 
-    from utils.model import load_for_inference
+    from utils.model.loading import load_for_inference
 
     model, tokenizer, template, _ = load_for_inference(**load)
     context = max_context or generation.context_length(model)

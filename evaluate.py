@@ -16,12 +16,25 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from utils.errors import UserError, as_list, run_cli
-from utils.files import output_problem, write_text_atomic
-from utils.flags import Checks
-from utils.evaluation import (CHOICES, SharedPrefix, batches, cloze_example, cloze_tokens, fit_shots, letter_example,
-                              letter_header, letter_token_ids, log_probs_at, read_questions, subject_files,
-                              subject_title)
+from utils.core.cli import run_cli
+from utils.core.errors import UserError, as_list
+from utils.core.files import output_problem, write_text_atomic
+from utils.core.flags import Checks
+from utils.eval.ceval_cmmlu import (
+    CHOICES,
+    SharedPrefix,
+    batches,
+    cloze_example,
+    cloze_tokens,
+    fit_shots,
+    letter_example,
+    letter_header,
+    letter_token_ids,
+    log_probs_at,
+    read_questions,
+    subject_files,
+    subject_title,
+)
 
 ROOT = Path(__file__).resolve().parent
 
@@ -181,8 +194,8 @@ def main(
 
     from tqdm.auto import tqdm
 
-    from utils.model import load_for_inference
-    from utils.memory import reuse_freed_memory
+    from utils.core.host import reuse_freed_memory
+    from utils.model.loading import load_for_inference
 
     model, tokenizer, _, _ = load_for_inference(model_path, lora_model, base_model, precision=precision,
                                                local_files_only=local_files_only, trust_remote_code=trust_remote_code)

@@ -17,9 +17,9 @@ import os
 import time
 from pathlib import Path
 
-from utils.errors import run_cli
-from utils.files import atomic_path, output_problem, write_text_atomic
-from utils.flags import Checks
+from utils.core.cli import run_cli
+from utils.core.files import atomic_path, output_problem, write_text_atomic
+from utils.core.flags import Checks
 
 ROOT = Path(__file__).resolve().parent
 HELD_TEXT = ROOT / "data" / "gguf_held.txt"
@@ -55,10 +55,17 @@ def main(
         local_files_only: never download a model from the hub.
         trust_remote_code: run the Python code the model ships (to read its config and tokenizer).
     """
-    from utils.gguf_export import OUTTYPES, QUANTS, TYPES, architecture, model_names, weight_files, write_gguf
-    from utils.model import check_remote_code, download_model_folder, load_config, load_tokenizer, resolve_model_path
-    from utils.run_folder import BUILTIN, RUN_CONFIG, read_json
-    from utils.templates import check_template
+    from utils.core.files import read_json
+    from utils.core.run_folder import BUILTIN, RUN_CONFIG
+    from utils.data.templates import check_template
+    from utils.export.gguf import OUTTYPES, QUANTS, TYPES, architecture, model_names, weight_files, write_gguf
+    from utils.model.loading import (
+        check_remote_code,
+        download_model_folder,
+        load_config,
+        load_tokenizer,
+        resolve_model_path,
+    )
 
     c = Checks()
     model_path, output = c.text("model_path", model_path), c.text("output", output)
@@ -115,7 +122,7 @@ def main(
         with atomic_path(f16 or path, "output") as tmp:  # a failed or interrupted export leaves no partial .gguf
             count = write(tmp, "f16" if f16 else outtype)
         if f16:
-            from utils.gguf_export import quantize
+            from utils.export.gguf import quantize
 
             print(f"Quantizing to {outtype} with llama.cpp")
             with atomic_path(path, "output") as tmp:
@@ -128,8 +135,8 @@ def main(
             f16.unlink(missing_ok=True)
     written = [path]
     if modelfile:
-        from utils.chat_templates import modelfile as ollama_modelfile
-        from utils.generation import DEFAULTS
+        from utils.export.runtime_templates import modelfile as ollama_modelfile
+        from utils.serve.generation import DEFAULTS
 
         written.append(path.parent / "Modelfile")
         text = ollama_modelfile(path.name, tmpl, tokenizer.eos_token, min(config.max_position_embeddings, 4096),
@@ -141,10 +148,10 @@ def main(
 
 def export_lora(lora_model, base_model, outtype, target, into_folder, local_files_only, trust_remote_code):
     """The adapter as a GGUF LoRA file, named <run folder>-lora-<outtype>.gguf unless --output names the file."""
-    from utils.gguf_export import architecture
-    from utils.gguf_lora import lora_tensors, write_lora_gguf
-    from utils.model import check_remote_code, download_model_folder, load_config, resolve_model_path
-    from utils.run_folder import adapter_base, find_adapter, read_run_config
+    from utils.core.run_folder import adapter_base, find_adapter, read_run_config
+    from utils.export.gguf import architecture
+    from utils.export.gguf_lora import lora_tensors, write_lora_gguf
+    from utils.model.loading import check_remote_code, download_model_folder, load_config, resolve_model_path
 
     adapter = find_adapter(lora_model)
     run_config = read_run_config(adapter) or {}
@@ -172,12 +179,12 @@ def chat_format(name, tokenizer, run_config, modelfile):
     The tokenizer's own chat template is kept verbatim when it is the prompt format (auto without a recorded
     one: the Template is derived from it and checked against it; one that cannot be split into a Template is
     still kept, with the tokenizer's BOS, unless a Modelfile needs the Template); otherwise the Template is
-    written as Jinja. BOS follows the template as training did (utils/data.adds_bos).
+    written as Jinja. BOS follows the template as training did (utils/data/encoding.adds_bos).
     """
-    from utils.chat_templates import jinja_chat_template
-    from utils.data import adds_bos
-    from utils.errors import UserError
-    from utils.templates import resolve_template
+    from utils.core.errors import UserError
+    from utils.data.encoding import adds_bos
+    from utils.data.templates import resolve_template
+    from utils.export.runtime_templates import jinja_chat_template
 
     recorded = isinstance(run_config.get("template"), dict)
     own = name == "auto" and not recorded and getattr(tokenizer, "chat_template", None)
@@ -196,7 +203,7 @@ def chat_format(name, tokenizer, run_config, modelfile):
 def quality(f16, path, outtype, fallbacks, count):
     """One line: llama.cpp's perplexity on the held text for the f16 and the quantized file, with their sizes;
     one more when the quantized file loses more than WARN_RISE."""
-    from utils.gguf_export import llama_cpp_perplexity
+    from utils.export.gguf import llama_cpp_perplexity
 
     text = HELD_TEXT.read_text(encoding="utf-8")
     base, tokens = llama_cpp_perplexity(f16, text)

@@ -16,18 +16,26 @@ import os
 import time
 from pathlib import Path
 
-from utils.data import Collator, Encoder, split_validation, summary
-from utils.preference import PREF_DEMO, Pairs, PreferenceEncoder, pair_summary, preference_flags
-from utils.distributed import adapter_in_checkpoints, deepspeed_config, engine, sharding_problem, training_under
-from utils.errors import is_main_process, run_cli
-from utils.files import output_problem
-from utils.flags import OPTIMIZERS, SCHEDULERS, Checks, report_to_list
-from utils.records import PT_SUFFIXES, SFT_SUFFIXES, data_files
-from utils.report import end_of_run_report, read_probes
-from utils.templates import resolve_template
-from utils.run_folder import BUILTIN, cleaned_up_on_write_errors, continued_run, resume_point, run_config, save_run
-from utils.model import check_remote_code, load_tokenizer, pick_device, pick_dtype, resolve_model_path, ships_code
-from utils.token_store import tokenized
+from utils.core.cli import is_main_process, run_cli
+from utils.core.files import output_problem
+from utils.core.flags import OPTIMIZERS, SCHEDULERS, Checks, report_to_list
+from utils.core.run_folder import BUILTIN, continued_run
+from utils.data.encoding import Collator, Encoder, split_validation, summary
+from utils.data.preference import PREF_DEMO, Pairs, PreferenceEncoder, pair_summary, preference_flags
+from utils.data.records import PT_SUFFIXES, SFT_SUFFIXES, data_files
+from utils.data.templates import resolve_template
+from utils.data.token_store import tokenized
+from utils.model.distributed import adapter_in_checkpoints, deepspeed_config, engine, sharding_problem, training_under
+from utils.model.loading import (
+    check_remote_code,
+    load_tokenizer,
+    pick_device,
+    pick_dtype,
+    resolve_model_path,
+    ships_code,
+)
+from utils.train.report import end_of_run_report, read_probes
+from utils.train.run_output import cleaned_up_on_write_errors, resume_point, run_config, save_run
 
 DEMO_DATA = Path(__file__).resolve().parent / "data" / "demo.json"
 ALIASES = {"load_8bit": "use_8bit", "load_4bit": "use_4bit", "dtype": "precision", "overwrite": "overwrite_output_dir"}
@@ -185,9 +193,10 @@ def main(
     import torch
     from transformers import Trainer, TrainingArguments, set_seed
 
-    from utils.fast import causal_lm_loss
-    from utils.preference_training import preference_trainer
-    from utils.train import auto_epochs, auto_learning_rate, lora_for_training, run_loss_callback, throughput_callback
+    from utils.train.callbacks import run_loss_callback, throughput_callback
+    from utils.train.fast import causal_lm_loss
+    from utils.train.preference_trainer import preference_trainer
+    from utils.train.setup import auto_epochs, auto_learning_rate, lora_for_training
 
     set_seed(seed)
     dtype = pick_dtype(precision, device := pick_device())

@@ -15,8 +15,9 @@ import contextlib
 import threading
 from pathlib import Path
 
-from utils.errors import UserError, run_cli
-from utils.flags import Checks
+from utils.core.cli import run_cli
+from utils.core.errors import UserError
+from utils.core.flags import Checks
 
 PARAMS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size", "do_sample")
 
@@ -45,10 +46,11 @@ def to_messages(pairs):
 def build_demo(model, tokenizer, template, settings, title="lora-kit chat", context_len=None, concurrency=2,
                engine=None):
     """The page: chat, system prompt, generation sliders, Send, Stop, Regenerate, Clear; queue enabled. With `engine`
-    (a started utils.serving.Engine over the PeftModel) two chats side by side, the base's and the tuned model's."""
+    (a started utils.serve.engine.Engine over the PeftModel) two chats side by side, the base's and the tuned
+    model's."""
     import gradio as gr
 
-    from utils import generation
+    from utils.serve import compare, generation
 
     context = context_len or generation.context_length(model)
     running = {}  # session hash -> stop Event of the answer(s) that session is generating
@@ -61,7 +63,7 @@ def build_demo(model, tokenizer, template, settings, title="lora-kit chat", cont
             seed = None if seed is None or int(seed) < 0 else int(seed)
             args = (tokenizer, template, query, turns if engine else turns[0], system or "", chosen, seed,
                     threading.Event(), context)
-            stream = generation.stream_compare(engine, *args) if engine else generation.stream_chat(model, *args)
+            stream = compare.stream_compare(engine, *args) if engine else generation.stream_chat(model, *args)
         except UserError as e:
             raise gr.Error(str(e)) from None
         key = request.session_hash
@@ -201,7 +203,7 @@ def main(model_path: str = None, lora_model: str = None, base_model: str = None,
         do_sample: Sample (True) or decode greedily (False) by default.
         max_context: Tokens of prompt plus answer; default the model's context length.
     """
-    from utils import generation
+    from utils.serve import generation
 
     c = Checks()
     load, max_context = generation.chat_model_flags(c, model_path, lora_model, base_model, template, input_pattern,
@@ -230,8 +232,8 @@ def main(model_path: str = None, lora_model: str = None, base_model: str = None,
         where = f"{server_name}:{server_port}" if server_port else server_name
         raise UserError(f"cannot listen on {where} ({e.strerror}); {fix}.") from None
 
-    from utils.model import load_for_inference
-    from utils.serving import Engine
+    from utils.model.loading import load_for_inference
+    from utils.serve.engine import Engine
 
     model, tokenizer, template, _ = load_for_inference(**load)
     name = Path(str(lora_model or model_path)).name if (lora_model or model_path) else "built-in SmolLM2-135M-Instruct"

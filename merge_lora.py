@@ -15,9 +15,9 @@ run_config.json, merge_info.json) that loads unchanged in transformers and vLLM,
 """
 import time
 
-from utils.errors import run_cli
-from utils.files import output_problem
-from utils.flags import Checks
+from utils.core.cli import run_cli
+from utils.core.files import output_problem
+from utils.core.flags import Checks
 
 
 def main(
@@ -65,7 +65,7 @@ def main(
     c.add(output_problem(output_dir, "output_dir") if isinstance(output_dir, str) else None)
     c.done()
 
-    from utils.merge import merge, parse_dtype
+    from utils.export.merge import merge, parse_dtype
 
     out_dtype = parse_dtype(precision)
     t0 = time.time()

@@ -5,7 +5,7 @@
 
 Both paths decode greedily from the same 50-token prompts to the same length, so they produce the same
 tokens; runs alternate between the two paths to share any drift in machine load. The streamed path is
-the chat stages' own: utils.generation.stream_chat, iterated for text pieces, with the time to first token
+the chat stages' own: utils.serve.generation.stream_chat, iterated for text pieces, with the time to first token
 counted from the call (prompt building and tokenizing included) to the first piece of text. Targets:
 streamed decode at least 0.95x plain, and a first streamed token within 150 ms.
 """
@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.errors import UserError, run_cli  # noqa: E402
+from utils.core.cli import run_cli  # noqa: E402
+from utils.core.errors import UserError  # noqa: E402
 
 QUESTIONS = ["Write a long story about a dragon who learns to cook", "Explain in detail how a steam engine works",
              "Describe a walk through a busy market in the morning"]
@@ -25,7 +26,7 @@ QUESTIONS = ["Write a long story about a dragon who learns to cook", "Explain in
 
 def fifty_token_prompt(tokenizer, template, question, length):
     """The question, padded with words until the whole training-format prompt is `length` tokens."""
-    from utils.data import encode_prompt
+    from utils.data.encoding import encode_prompt
 
     words = question.split() + ["and", "please", "be", "thorough"] * 20
     for n in range(1, len(words) + 1):
@@ -37,7 +38,7 @@ def fifty_token_prompt(tokenizer, template, question, length):
 
 def main(precision: str = "auto", max_new_tokens: int = 64, prompt_tokens: int = 50, repeats: int = 4,
          threads: int = None):
-    """Time streaming (utils.generation) against plain model.generate on the built-in model.
+    """Time streaming (utils.serve.generation) against plain model.generate on the built-in model.
 
     Args:
         precision: auto, bf16, fp16 or fp32, as the chat stages take it.
@@ -50,8 +51,8 @@ def main(precision: str = "auto", max_new_tokens: int = 64, prompt_tokens: int =
 
     if threads:
         torch.set_num_threads(int(threads))
-    from utils.generation import stop_token_ids, stream_chat
-    from utils.model import load_for_inference
+    from utils.model.loading import load_for_inference
+    from utils.serve.generation import stop_token_ids, stream_chat
 
     model, tokenizer, template, _ = load_for_inference(precision=str(precision))
     settings = {"max_new_tokens": int(max_new_tokens), "do_sample": False, "repetition_penalty": 1.0}

@@ -25,7 +25,7 @@ def main(data_dir: str = str(ROOT.parent / "shared" / "data" / "cmmlu"), lora_mo
             a CPU with fast bf16, as evaluate.py runs by default).
     """
     import evaluate
-    from utils.errors import as_list
+    from utils.core.errors import as_list
 
     as_names = lambda v, flag: as_list([str(x) for x in v] if isinstance(v, (list, tuple)) else str(v), flag)  # noqa: E731
 

@@ -27,11 +27,13 @@ def main(output_dir: str = "/tmp/lora-kit-gguf-bench", types: str = "f32,f16,bf1
         output_dir: where the GGUF files go. types: the export types to compare. tokens: greedy tokens per prompt.
         model_path: an HF llama/mistral/qwen2 folder (e.g. merge_lora.py's output); default the built-in model.
     """
-    import export_gguf
     from test_gguf import PROMPTS
-    from utils.errors import as_list
-    from utils.gguf_export import QUANTS, llama_cpp_greedy, llama_cpp_perplexity, quantize
-    from utils.model import builtin_path, load_model, load_tokenizer
+
+    import export_gguf
+    from utils.core.errors import as_list
+    from utils.export.gguf import QUANTS, llama_cpp_greedy, llama_cpp_perplexity, quantize
+    from utils.model.builtin import builtin_path
+    from utils.model.loading import load_model, load_tokenizer
 
     folder = Path(model_path).expanduser().resolve() if model_path else builtin_path()
     tokenizer = load_tokenizer(folder)

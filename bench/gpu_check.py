@@ -88,7 +88,6 @@ def main(checks=",".join(CHECKS), steps: int = 6, logs: str = None, tokenizer: s
     (default: a temporary folder; the model and the adapters always go to one). tokenizer: a folder with the
     tokenizer files (default: the built-in model's). timeout: seconds each check may run."""
     import torch
-
     from train_throughput import tinyllama_shaped
 
     names = [c for c in CHECKS if c in (checks if isinstance(checks, (list, tuple)) else checks.split(","))]

@@ -26,7 +26,7 @@ if [ "${1:-}" = prepare ]; then
   "$PY" - <<'EOF'
 import sys
 sys.path.insert(0, ".")
-from utils.model import builtin_path, load_tokenizer
+from utils.model.loading import builtin_path, load_tokenizer
 load_tokenizer(builtin_path()).save_pretrained(".gpu/tokenizer")
 EOF
   tar -C .gpu -cJf .gpu/tokenizer.tar.xz tokenizer && rm -rf .gpu/tokenizer

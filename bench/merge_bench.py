@@ -47,7 +47,7 @@ def naive(base, adapter, out):
     import torch
     from peft import PeftModel
 
-    from utils.model import load_model
+    from utils.model.loading import load_model
 
     model = PeftModel.from_pretrained(load_model(base, torch.bfloat16), adapter)
     model.merge_and_unload().save_pretrained(out)
@@ -65,7 +65,7 @@ class PlainShard:
 
         import torch
 
-        from utils.merge import _ST_DTYPES
+        from utils.export.merge import _ST_DTYPES
 
         self._file = open(self.path, "rb")
         size = struct.unpack("<Q", self._file.read(8))[0]
@@ -90,9 +90,9 @@ class PlainShard:
 
 
 def plain_merge(args):
-    """merge_lora.py with PlainShard in place of utils.merge's reader."""
-    from utils import merge
-    from utils.errors import run_cli
+    """merge_lora.py with PlainShard in place of utils.export.merge's reader."""
+    from utils.core.cli import run_cli
+    from utils.export import merge
 
     merge._Shard = PlainShard
     sys.argv = [str(ROOT / "merge_lora.py"), *args]
@@ -124,7 +124,7 @@ def measure(cmd):
 def logits(folder, ids, adapter=None):
     import torch
 
-    from utils.model import load_model
+    from utils.model.loading import load_model
 
     model = load_model(folder, torch.float32)
     if adapter:

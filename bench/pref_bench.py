@@ -42,9 +42,10 @@ from train_throughput import PROJECTIONS, child  # noqa: E402
 
 def encoded(records, cutoff_len):
     """(pairs as {prompt_ids, chosen_ids, rejected_ids}, tokenizer) with our template code."""
-    from utils.model import builtin_path, load_tokenizer
-    from utils.preference import encode_pairs, to_pair
-    from utils.templates import load_template
+    from utils.data.preference import encode_pairs, to_pair
+    from utils.data.templates import load_template
+    from utils.model.builtin import builtin_path
+    from utils.model.loading import load_tokenizer
 
     tokenizer = load_tokenizer(builtin_path())
     pairs, _ = encode_pairs([to_pair(r, f"record {i}") for i, r in enumerate(records, 1)], tokenizer,
@@ -54,7 +55,7 @@ def encoded(records, cutoff_len):
 
 def trl_rows(records):
     """TRL's conversational preference layout: prompt (messages), chosen and rejected (one assistant message)."""
-    from utils.preference import to_pair
+    from utils.data.preference import to_pair
 
     rows = []
     for i, record in enumerate(records, 1):
@@ -99,7 +100,8 @@ def run_arm(arm, out, records, cutoff_len, batch, lr, max_steps, ours_checkpoint
         from transformers import AutoModelForCausalLM
         from trl import DPOConfig, DPOTrainer
 
-        from utils.model import builtin_path, load_tokenizer
+        from utils.model.builtin import builtin_path
+        from utils.model.loading import load_tokenizer
 
         tokenizer = load_tokenizer(builtin_path())
         model = AutoModelForCausalLM.from_pretrained(builtin_path(), dtype=torch.float32)
@@ -133,9 +135,9 @@ def reward_accuracy(adapter, pairs, pad_token_id, batch=8):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from utils.model import builtin_path
-    from utils.preference import PairCollator
-    from utils.preference_loss import sequence_logps
+    from utils.data.preference import PairCollator
+    from utils.model.builtin import builtin_path
+    from utils.train.preference_loss import sequence_logps
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(builtin_path(), dtype=torch.float32),
                                       adapter).eval()
@@ -183,7 +185,7 @@ def main(pairs=200, held=50, cutoff_len=512, batch=8, lr=5e-5, max_steps=-1, arm
     if not DATA.is_file():
         print(f"skipped: {DATA} is absent (it holds the benchmark data)")
         return
-    from utils.errors import as_list
+    from utils.core.errors import as_list
 
     arms = [a for a in ("trl", "ours", "ours_kept") if a in as_list(arms, "arms")]
     seeds = [int(s) for s in (seeds if isinstance(seeds, (list, tuple)) else str(seeds).split(","))]  # fire: a tuple

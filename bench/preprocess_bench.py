@@ -111,10 +111,10 @@ def arrow_build(data, out, model, workers=2):
     """The same records through `datasets`: read, validate and encode with map(num_proc), saved as Arrow."""
     from datasets import Dataset
 
-    from utils.data import Encoder
-    from utils.model import load_tokenizer
-    from utils.records import data_files, iter_records
-    from utils.templates import load_template
+    from utils.data.encoding import Encoder
+    from utils.data.records import data_files, iter_records
+    from utils.data.templates import load_template
+    from utils.model.loading import load_tokenizer
 
     tokenizer = load_tokenizer(model)
     encoder = Encoder(tokenizer, "sft", load_template("auto", tokenizer), 512).for_bulk()  # the same tokenizing as ours
@@ -138,9 +138,9 @@ def tokenize_ab(model, records=20_000):
     """One process, one thread: the transformers tokenizer call against Encoder.for_bulk on the segments of
     `records` records, in alternating rounds (the bulk path must earn its place)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # only for this process: run() passes the children their own
-    from utils.data import Encoder
-    from utils.model import load_tokenizer
-    from utils.templates import load_template
+    from utils.data.encoding import Encoder
+    from utils.data.templates import load_template
+    from utils.model.loading import load_tokenizer
 
     base = (json.loads((SHARED / "alpaca_en_demo.json").read_text())
             + json.loads((SHARED / "alpaca_zh_demo.json").read_text()))
@@ -170,8 +170,8 @@ def main(sizes="50000,200000,1000000", ranks=True, arrow=True, _arrow_build=None
     if not (SHARED / "alpaca_en_demo.json").is_file():
         print(f"skipped: {SHARED} is absent (it holds the benchmark data)")
         return
-    from utils.errors import as_list
-    from utils.model import builtin_path
+    from utils.core.errors import as_list
+    from utils.model.builtin import builtin_path
 
     model = builtin_path()
     sizes = [int(s) for s in as_list(str(sizes) if not isinstance(sizes, (list, tuple)) else [str(s) for s in sizes],

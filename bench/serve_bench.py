@@ -4,7 +4,7 @@
     flock /tmp/lora-kit-bench.lock python bench/serve_bench.py --clients=1,4,16 --precision=fp32
     python bench/serve_bench.py --url=http://127.0.0.1:8000/v1 --model=models/merged --baseline=False  # vllm serve
 
-First the chat stages' own streaming (utils.generation.stream_chat, what cli_demo.py runs) decodes each prompt
+First the chat stages' own streaming (utils.serve.generation.stream_chat, what cli_demo.py runs) decodes each prompt
 alone in this process; then api_server.py starts in a process of its own (unless --url names a running
 OpenAI-compatible server) and every client, a thread with the official openai client, streams one chat answer
 at the same moment. All answers are greedy, `new_tokens` long (`ignore_eos`), from prompts of `prompt_tokens`
@@ -25,8 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from utils.errors import UserError, run_cli  # noqa: E402
-from utils.flags import Checks  # noqa: E402
+from utils.core.cli import run_cli  # noqa: E402
+from utils.core.errors import UserError  # noqa: E402
+from utils.core.flags import Checks  # noqa: E402
 
 TOPICS = ["a dragon who learns to cook", "how a steam engine works", "a walk through a busy market",
           "the history of the printing press", "a robot that wants to paint", "how bees make honey",
@@ -37,7 +38,7 @@ TOPICS = ["a dragon who learns to cook", "how a steam engine works", "a walk thr
 
 def prompt_of(tokenizer, template, topic, length):
     """A question about `topic`, padded with words until the training-format prompt is `length` tokens."""
-    from utils.data import encode_prompt
+    from utils.data.encoding import encode_prompt
 
     words = f"Write a long, detailed story about {topic}".split() + ["and", "please", "be", "thorough"] * 40
     for n in range(1, len(words) + 1):
@@ -50,8 +51,8 @@ def cli_speed(questions, precision, model_path, new_tokens):
     """cli_demo.py's streaming, each question alone: (median decode tokens/s, median first-token seconds)."""
     import gc
 
-    from utils.generation import stream_chat
-    from utils.model import load_for_inference
+    from utils.model.loading import load_for_inference
+    from utils.serve.generation import stream_chat
 
     model, tokenizer, template, _ = load_for_inference(model_path=model_path, precision=precision)
     settings = {"max_new_tokens": new_tokens, "temperature": 0}
@@ -137,8 +138,8 @@ def main(clients: str = "1,4,16", new_tokens: int = 64, prompt_tokens: int = 50,
         os.environ["OMP_NUM_THREADS"] = str(threads)
     import httpx
 
-    from utils.model import load_tokenizer, resolve_model_path
-    from utils.templates import resolve_template
+    from utils.data.templates import resolve_template
+    from utils.model.loading import load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(resolve_model_path(model_path or "builtin:smollm2", flag="model_path"))
     template = resolve_template("auto", tokenizer)

@@ -23,10 +23,11 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 def tokenized(records, cutoff_len):
-    from utils.data import encode_dialogs
-    from utils.records import to_dialog
-    from utils.model import builtin_path, load_tokenizer
-    from utils.templates import load_template
+    from utils.data.encoding import encode_dialogs
+    from utils.data.records import to_dialog
+    from utils.data.templates import load_template
+    from utils.model.builtin import builtin_path
+    from utils.model.loading import load_tokenizer
 
     tokenizer = load_tokenizer(builtin_path())
     template = load_template("auto", tokenizer)
@@ -57,7 +58,7 @@ def run_arm(arm, out, records, cutoff_len, batch, lr, base_model):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from utils.model import builtin_path
+    from utils.model.builtin import builtin_path
 
     examples, tokenizer = tokenized(records, cutoff_len)
     model = AutoModelForCausalLM.from_pretrained(builtin_path(), dtype=torch.float32)
@@ -141,8 +142,8 @@ def eval_loss(adapter, examples, batch=8):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from utils.data import Collator
-    from utils.model import builtin_path
+    from utils.data.encoding import Collator
+    from utils.model.builtin import builtin_path
 
     model = AutoModelForCausalLM.from_pretrained(builtin_path(), dtype=torch.float32)
     if adapter:
@@ -183,7 +184,7 @@ def main(records=64, cutoff_len=512, batch=8, lr=5e-4, use_4bit=False, qlora=Fal
           f"({torch.get_num_threads()} threads)")
     if use_4bit or qlora:
         return qlora_bench(tmp, data, cutoff_len, lr)
-    from utils.errors import as_list
+    from utils.core.errors import as_list
 
     chosen = as_list(arms, "arms") or ["baseline", "trl", "ours"]
     arms = [a for a in ["baseline", "trl", "ours"] if a in chosen]
@@ -196,7 +197,8 @@ def main(records=64, cutoff_len=512, batch=8, lr=5e-4, use_4bit=False, qlora=Fal
         (tmp / name).mkdir()
         results[name] = child(name, tmp / name, records=records, cutoff_len=cutoff_len, batch=batch, lr=lr)
         print(f"  {name:9s} done in {results[name][2]:.0f} s", flush=True)
-    from utils.model import builtin_path, load_model
+    from utils.model.builtin import builtin_path
+    from utils.model.loading import load_model
 
     model = load_model(builtin_path(), torch.float32)
     cfg = model.config
@@ -235,7 +237,8 @@ def tinyllama_shaped(model_dir, tokenizer_dir=None):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from utils.model import builtin_path, load_tokenizer
+    from utils.model.builtin import builtin_path
+    from utils.model.loading import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir or builtin_path())
     config = LlamaConfig(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, num_attention_heads=32,
@@ -274,7 +277,7 @@ def qlora_bench(tmp, data, cutoff_len, lr):
 if __name__ == "__main__":
     import fire
 
-    from utils.errors import quiet_dependency_notices
+    from utils.core.cli import quiet_dependency_notices
 
     quiet_dependency_notices()  # as the stage scripts do: the children's logs hold only what concerns the run
     fire.Fire(main)

@@ -35,14 +35,14 @@ def temporary_files_in_pytest_folder(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    from utils.model import builtin_path
+    from utils.model.builtin import builtin_path
 
     return builtin_path()
 
 
 @pytest.fixture(scope="session")
 def tokenizer(smollm2_dir):
-    from utils.model import load_tokenizer
+    from utils.model.loading import load_tokenizer
 
     return load_tokenizer(smollm2_dir)
 

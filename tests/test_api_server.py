@@ -11,9 +11,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from conftest import ROOT
-from utils.errors import UserError
+
+from utils.core.errors import UserError
 
 openai = pytest.importorskip("openai", reason="the openai client is needed (requirements-dev.txt)")
 sys.path.insert(0, str(ROOT))
@@ -49,8 +49,8 @@ def adapters(tiny_model_dir, tokenizer, tmp_path_factory):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    from utils.run_folder import BUILTIN, write_run_config
-    from utils.templates import load_template
+    from utils.core.run_folder import BUILTIN, write_run_config
+    from utils.data.templates import load_template
 
     root, folders = tmp_path_factory.mktemp("adapters"), {}
     for seed, (name, template) in enumerate([("lumi", "alpaca"), ("law", "auto")], 1):
@@ -94,9 +94,9 @@ class Live:
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, adapters):
     """The tiny model with the adapters lumi and law over one copy of it, in fp32, behind an API key."""
-    from utils.generation import check_settings, context_length
-    from utils.openai_api import build_app
-    from utils.serving import Engine
+    from utils.serve.engine import Engine
+    from utils.serve.generation import check_settings, context_length
+    from utils.serve.openai_api import build_app
 
     load = dict(model_path=None, lora_model=None, base_model=None, template="auto", bits=16, num_gpus=1,
                 precision="fp32", local_files_only=False, trust_remote_code=None)
@@ -116,7 +116,7 @@ def server(tiny_model_dir, adapters):
 @pytest.fixture(scope="module")
 def alone(server, tiny_model_dir, adapters):
     """Each served model loaded on its own, as cli_demo.py loads it: name -> (model, tokenizer, template)."""
-    from utils.model import load_for_inference
+    from utils.model.loading import load_for_inference
 
     models = {server.base: load_for_inference(model_path=str(tiny_model_dir), precision="fp32")[:3]}
     for name in ("lumi", "law"):
@@ -125,7 +125,7 @@ def alone(server, tiny_model_dir, adapters):
 
 
 def greedy(models, name, question, max_new_tokens=24, **chat):
-    from utils.generation import chat as answer
+    from utils.serve.generation import chat as answer
 
     model, tokenizer, template = models[name]
     settings = dict(max_new_tokens=max_new_tokens, temperature=0)
@@ -193,8 +193,8 @@ def test_each_model_answers_as_cli_demo_does(server, tiny_model_dir, adapters, c
 
 
 def test_usage_stop_sequences_system_history_and_completions(server, alone):
-    from utils.data import encode_prompt
-    from utils.generation import Stream, chat, decode
+    from utils.data.encoding import encode_prompt
+    from utils.serve.generation import Stream, chat, decode
 
     lumi = server.served["lumi"]
     whole = ask(server.client, "lumi", "Name a colour.")
@@ -343,9 +343,9 @@ def test_a_client_that_hangs_up_frees_its_slot_at_once(server):
 def test_a_full_queue_gets_429(server):
     import httpx
 
-    from utils.generation import check_settings
-    from utils.openai_api import build_app
-    from utils.serving import Engine
+    from utils.serve.engine import Engine
+    from utils.serve.generation import check_settings
+    from utils.serve.openai_api import build_app
 
     engine = Engine(server.engine.model, max_batch=1, max_queue=1)  # never started: requests only wait
     live = Live(build_app(engine, list(server.served.values()), server.tokenizer, 1024, check_settings(), []))

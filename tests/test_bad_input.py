@@ -25,9 +25,9 @@ import sys
 import warnings
 
 import pytest
-
 from conftest import ROOT, damaged_copy
-from utils.errors import run_cli
+
+from utils.core.cli import run_cli
 
 sys.path.insert(0, str(ROOT))
 
@@ -864,12 +864,12 @@ TYPO = {"finetune.py": ("--lora_rank=16", "lora_r"), "merge_lora.py": ("--precis
 def test_a_typo_is_refused_before_any_work(script, request, tmp_path, monkeypatch, capfd):
     """Every function that reads data or loads a model raises when called. Without the typo main calls one of
     them (so they are what it uses); with the typo none is called, and the run ends with the typo's one line."""
-    import utils.evaluation
-    import utils.merge
-    import utils.model
-    import utils.records
-    import utils.run_folder
-    import utils.token_store
+    import utils.core.run_folder
+    import utils.data.records
+    import utils.data.token_store
+    import utils.eval.ceval_cmmlu
+    import utils.export.merge
+    import utils.model.loading
 
     places = Places(tmp_path, request)
     also(cmmlu)(tmp_path, places)
@@ -885,7 +885,8 @@ def test_a_typo_is_refused_before_any_work(script, request, tmp_path, monkeypatc
         return work
 
     module = importlib.import_module(script[:-3])
-    owners = (module, utils.model, utils.merge, utils.records, utils.run_folder, utils.evaluation, utils.token_store)
+    owners = (module, utils.model.loading, utils.export.merge, utils.data.records, utils.core.run_folder,
+              utils.eval.ceval_cmmlu, utils.data.token_store)
     for owner in owners:
         for name in WORK:
             if callable(getattr(owner, name, None)):

@@ -6,10 +6,10 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT
-from utils.errors import UserError
-from utils.templates import pick_template
+
+from utils.core.errors import UserError
+from utils.data.templates import pick_template
 
 pexpect = pytest.importorskip("pexpect",
                               reason="pexpect is needed to drive the chat in a pseudo-terminal (requirements-dev.txt)")

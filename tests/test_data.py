@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from utils.data import IGNORE, Collator, encode_dialogs, encode_texts
-from utils.templates import load_template
+from utils.data.encoding import IGNORE, Collator, encode_dialogs, encode_texts
+from utils.data.templates import load_template
 
 
 def runs(tokenizer, example):
@@ -79,9 +79,9 @@ def test_packed_equals_padded(tiny_model_dir, tokenizer):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from utils.fast import PACKED_ATTENTION, causal_lm_loss, register_packed_attention
-    from utils.fast.lora import fast_lora
-    from utils.fast.loss import project_in_loss
+    from utils.train.fast import PACKED_ATTENTION, causal_lm_loss, register_packed_attention
+    from utils.train.fast.lora import fast_lora
+    from utils.train.fast.loss import project_in_loss
 
     register_packed_attention()
     template = load_template("auto", tokenizer)
@@ -125,7 +125,7 @@ def test_linear_cross_entropy_equals_full_logits(monkeypatch):
     full logits: to fp32 rounding in fp32, and to bf16's precision under bf16 autocast."""
     import torch.nn.functional as F
 
-    from utils.fast.loss import _LinearCrossEntropy
+    from utils.train.fast.loss import _LinearCrossEntropy
 
     monkeypatch.setattr(_LinearCrossEntropy, "BLOCK", 7 * 300)  # 7 rows per block: 43 rows make 7 blocks
     torch.manual_seed(0)
@@ -154,7 +154,7 @@ def test_causal_attention_equals_sdpa(monkeypatch, dtype, tolerance, keep_up_to)
     recomputed in chunks (examples longer than a chunk included): exactly in fp32, to bf16's precision in bf16."""
     import torch.nn.functional as F
 
-    from utils.fast.attention import _CausalAttention, causal_attention
+    from utils.train.fast.attention import _CausalAttention, causal_attention
 
     monkeypatch.setattr(_CausalAttention, "CHUNK", 8)
     monkeypatch.setattr(_CausalAttention, "KEEP_UP_TO", keep_up_to)

@@ -85,7 +85,7 @@ def data(tmp_path_factory):
 def sharded_tiny(tiny_model_dir, tmp_path_factory):
     """tiny_model_dir's weights, moved off the seed's initial values (a weight the load skipped would otherwise come
     back as the same random init), in 10 MB shards (3 files): ZeRO-3 fills its partitions a shard at a time
-    (utils.model._zero3_loading_a_shard_at_a_time), so a shard it skipped or misread changes the gradients."""
+    (utils.model.loading._zero3_loading_a_shard_at_a_time), so a shard it skipped or misread changes the gradients."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = tmp_path_factory.mktemp("tiny-sharded")
@@ -173,8 +173,8 @@ def test_two_nodes_on_one_machine(tiny_model_dir, data, tmp_path):
 def test_deepspeed_not_installed_is_one_sentence(monkeypatch):
     import importlib.util
 
-    from utils.distributed import DEEPSPEED, deepspeed_config
-    from utils.errors import UserError
+    from utils.core.errors import UserError
+    from utils.model.distributed import DEEPSPEED, deepspeed_config
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
@@ -196,7 +196,7 @@ def test_shipped_configs_name_a_zero_stage_and_leave_sizes_to_the_trainer():
 
 
 def test_fsdp1_two_engines_and_sharded_dpo_are_refused(monkeypatch):
-    from utils.distributed import sharding_problem
+    from utils.model.distributed import sharding_problem
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "1")
@@ -214,7 +214,7 @@ def test_fsdp1_two_engines_and_sharded_dpo_are_refused(monkeypatch):
 
 
 def test_sharded_qlora_stores_4bit_weights_in_the_compute_dtype():
-    from utils.model import quantization_config
+    from utils.model.loading import quantization_config
 
     assert quantization_config(4, torch.bfloat16, sharded=True).bnb_4bit_quant_storage == torch.bfloat16
     assert quantization_config(4, torch.bfloat16).bnb_4bit_quant_storage == torch.uint8
@@ -225,7 +225,7 @@ def test_num_gpus_spreads_over_the_first_n_gpus(monkeypatch):
     {"max_memory": ...} as the device map itself, which from_pretrained rejects)."""
     from types import SimpleNamespace
 
-    from utils.model import device_map_for
+    from utils.model.loading import device_map_for
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
@@ -253,7 +253,8 @@ def test_a_finished_run_leaves_its_process_group(fails, one_process_group, monke
     """run_cli tears the process group down after main succeeded (gloo's threads left to the interpreter's exit
     aborted a rank, pytorch #190489), and leaves it alone after a UserError: the other ranks may wait in a
     collective, and a barrier there would hang."""
-    from utils.errors import UserError, run_cli
+    from utils.core.cli import run_cli
+    from utils.core.errors import UserError
 
     def main():
         if fails:
@@ -269,8 +270,8 @@ def test_a_finished_run_leaves_its_process_group(fails, one_process_group, monke
 
 
 def test_zero3_shard_at_a_time_relies_on_transformers_filling_parts():
-    """What utils.model._zero3_loading_a_shard_at_a_time replaces: transformers' ZeRO-3 branch merges every shard
-    into one state dict and hands it to the module-level _load_state_dict_into_zero3_model(model, state_dict,
+    """What utils.model.loading._zero3_loading_a_shard_at_a_time replaces: transformers' ZeRO-3 branch merges every
+    shard into one state dict and hands it to the module-level _load_state_dict_into_zero3_model(model, state_dict,
     load_config), which fills only the parameters the dict holds (built for sharded checkpoints) and returns
     (errors, missing keys). If this changes, the replacement must be rewritten or removed."""
     import inspect
@@ -291,7 +292,7 @@ def test_zero3_shard_at_a_time_relies_on_transformers_filling_parts():
 
 
 def test_fsdp2_load_asks_for_each_weight_once_after_sending_the_one_before(one_process_group, monkeypatch):
-    """What utils.distributed.training_under relies on to drop each sent weight's mapped pages on rank 0:
+    """What utils.model.distributed.training_under relies on to drop each sent weight's mapped pages on rank 0:
     accelerate's fsdp2_load_full_state_dict asks the full state dict for each weight once (full_sd[name]), in the
     model's order, and has broadcast it before it asks for the next. If this changes, PagesDroppedOnceSent must
     be rewritten or removed."""
@@ -328,7 +329,7 @@ def test_zero3_gathers_at_most_two_layers_where_the_config_says_auto():
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    from utils.distributed import decoder_layer_parameters, size_zero3_gathering
+    from utils.model.distributed import decoder_layer_parameters, size_zero3_gathering
 
     shape = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4)
     layer = 2048 * 2048 * 2 + 2048 * 256 * 2 + 3 * 2048 * 5632  # q, o; k, v; gate, up, down: TinyLlama's layer

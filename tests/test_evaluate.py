@@ -6,9 +6,9 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, SHARED_DATA
-from utils.errors import UserError
+
+from utils.core.errors import UserError
 
 sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
@@ -63,7 +63,7 @@ def ceval_dir(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from utils.model import load_for_inference
+    from utils.model.loading import load_for_inference
 
     model, tokenizer, _, _ = load_for_inference(str(tiny_model_dir), precision="fp32")
     return model, tokenizer
@@ -115,7 +115,7 @@ def ref_cloze(model, tokenizer, shots, q):
 def items_and_scores(tiny, layout, shots, method, max_length=4096, batch_size=3):
     from tqdm import tqdm
 
-    from utils.evaluation import Question
+    from utils.eval.ceval_cmmlu import Question
 
     model, tokenizer = tiny
     qs = [Question(str(i), r[0], list(r[1:5]), r[5]) for i, r in enumerate(QUESTIONS)]
@@ -217,7 +217,7 @@ def test_bad_arguments(cmmlu_dir, tmp_path):
 
 
 def test_damaged_data_is_one_sentence_before_loading(cmmlu_dir, ceval_dir):
-    from utils.evaluation import subject_title
+    from utils.eval.ceval_cmmlu import subject_title
 
     (cmmlu_dir / "test" / "anatomy.csv").write_bytes(
         ",Question,A,B,C,D,Answer\n0,\xb2\xe2\xca\xd4,a,b,c,d,A\n".encode("latin-1"))
@@ -231,8 +231,8 @@ def test_damaged_data_is_one_sentence_before_loading(cmmlu_dir, ceval_dir):
 @pytest.mark.skipif(not (SHARED_DATA / "cmmlu").is_dir(), reason="needs ../shared/data/cmmlu (not part of a clone)")
 def test_builtin_model_on_real_cmmlu_matches_the_reference(smollm2_dir, tmp_path):
     """The built-in model on real questions it was not tuned on: 1-shot letter predictions equal the reference's."""
-    from utils.evaluation import read_questions
-    from utils.model import load_for_inference
+    from utils.eval.ceval_cmmlu import read_questions
+    from utils.model.loading import load_for_inference
 
     report = run(tmp_path, data_dir=str(SHARED_DATA / "cmmlu"), subjects="world_history", few_shot=1, limit=3,
                  batch_size=2)

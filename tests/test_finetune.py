@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT
 from safetensors import safe_open
 
-from conftest import ROOT
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 
 def trainer_losses(folder):
@@ -93,9 +93,9 @@ def test_refuses_to_overwrite_a_run_and_resume_without_checkpoint(finetune, tmp_
 
 
 def test_data_that_truncation_empties_is_refused_before_the_model(finetune, tmp_path, monkeypatch):
-    import utils.train
+    import utils.train.setup
 
-    monkeypatch.setattr(utils.train, "lora_for_training", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(utils.train.setup, "lora_for_training", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(UserError, match=r"all 18 records of --data_path were dropped: nothing to train on remained "
                                         r"after truncation to --cutoff_len=1; raise --cutoff_len\."):
         finetune(cutoff_len=1, data_cache=False)  # a BOS alone: no token to predict
@@ -187,7 +187,7 @@ def test_activation_checkpointing_switch(finetune, tmp_path, flag, expected):
 def test_checkpointing_turns_on_when_activations_do_not_fit(tiny_model_dir):
     from transformers import AutoConfig
 
-    from utils.train import needs_checkpointing
+    from utils.train.setup import needs_checkpointing
 
     config = AutoConfig.from_pretrained(tiny_model_dir)
     assert not needs_checkpointing(config, 4096, 512, 2, "cpu")
@@ -197,8 +197,9 @@ def test_checkpointing_turns_on_when_activations_do_not_fit(tiny_model_dir):
 def test_cpu_threads_follow_the_cgroup_quota(tmp_path, monkeypatch):
     """A container's CPU quota caps the training threads (torch counts the host's cores); the smallest
     quota on the way up to the root counts; cgroup v1 too; OMP_NUM_THREADS, when set, decides instead."""
-    import utils.model
-    from utils.model import cpu_quota, cpu_threads
+    import utils.model.loading
+    from utils.core.host import cpu_quota
+    from utils.model.loading import cpu_threads
 
     v2 = tmp_path / "v2"
     (v2 / "job" / "step").mkdir(parents=True)
@@ -219,13 +220,13 @@ def test_cpu_threads_follow_the_cgroup_quota(tmp_path, monkeypatch):
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
-    monkeypatch.setattr(utils.model, "cpu_quota", lambda: 2.5)
+    monkeypatch.setattr(utils.model.loading, "cpu_quota", lambda: 2.5)
     assert cpu_threads() == 3
-    monkeypatch.setattr(utils.model, "cpu_quota", lambda: 0.5)
+    monkeypatch.setattr(utils.model.loading, "cpu_quota", lambda: 0.5)
     assert cpu_threads() == 1
-    monkeypatch.setattr(utils.model, "cpu_quota", lambda: None)
+    monkeypatch.setattr(utils.model.loading, "cpu_quota", lambda: None)
     assert cpu_threads() == 16
-    monkeypatch.setattr(utils.model, "cpu_quota", lambda: 2.0)
+    monkeypatch.setattr(utils.model.loading, "cpu_quota", lambda: 2.0)
     monkeypatch.setenv("OMP_NUM_THREADS", "16")
     assert cpu_threads() == 16
 
@@ -237,19 +238,19 @@ def test_fused_lora_layers_equal_peft(tiny_model_dir, tokenizer, monkeypatch):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    import utils.fast.lora
-    from utils.data import Collator, encode_dialogs
-    from utils.templates import load_template
-    from utils.fast import PACKED_ATTENTION, causal_lm_loss, register_packed_attention
-    from utils.fast.lora import fast_lora
+    import utils.train.fast.lora
+    from utils.data.encoding import Collator, encode_dialogs
+    from utils.data.templates import load_template
+    from utils.train.fast import PACKED_ATTENTION, causal_lm_loss, register_packed_attention
+    from utils.train.fast.lora import fast_lora
 
     register_packed_attention()
     dialogs = [("", [("q" * n, "answer " * (n % 5 + 1))], "") for n in (3, 11, 25)]
     batch = Collator(tokenizer.pad_token_id)(encode_dialogs(dialogs, tokenizer, load_template("auto", tokenizer))[0])
     labels = batch.pop("labels")
     calls = []
-    fused_apply = utils.fast.lora._LoraLinear.apply
-    monkeypatch.setattr(utils.fast.lora._LoraLinear, "apply", lambda *args: calls.append(1) or fused_apply(*args))
+    fused_apply = utils.train.fast.lora._LoraLinear.apply
+    monkeypatch.setattr(utils.train.fast.lora._LoraLinear, "apply", lambda *args: calls.append(1) or fused_apply(*args))
 
     def run(dtype, fast, dropout=0.0, autocast=False):
         torch.manual_seed(0)
@@ -293,7 +294,7 @@ def test_fused_lora_layer_with_bias():
     """A base projection with a bias (Qwen2's q/k/v) fused: output and every gradient equal PEFT's."""
     from peft import LoraConfig, get_peft_model
 
-    from utils.fast.lora import fast_lora
+    from utils.train.fast.lora import fast_lora
 
     grads = []
     for fast in (False, True):
@@ -313,12 +314,12 @@ def test_fused_lora_steps_aside_for_a_lora_bias(monkeypatch):
     """peft's lora_bias puts a bias on lora_B, which the fused layer does not compute: peft's forward runs."""
     from peft import LoraConfig, get_peft_model
 
-    import utils.fast.lora
-    from utils.fast.lora import fast_lora
+    import utils.train.fast.lora
+    from utils.train.fast.lora import fast_lora
 
     calls = []
-    fused_apply = utils.fast.lora._LoraLinear.apply
-    monkeypatch.setattr(utils.fast.lora._LoraLinear, "apply", lambda *args: calls.append(1) or fused_apply(*args))
+    fused_apply = utils.train.fast.lora._LoraLinear.apply
+    monkeypatch.setattr(utils.train.fast.lora._LoraLinear, "apply", lambda *args: calls.append(1) or fused_apply(*args))
     outs = []
     for fast in (False, True):
         torch.manual_seed(0)
@@ -340,9 +341,9 @@ def test_fast_norms_equal_transformers(tiny_model_dir, tokenizer):
     from transformers import AutoModelForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from utils.data import Collator, encode_dialogs
-    from utils.templates import load_template
-    from utils.fast.norm import LLAMA_RMS_NORMS, fast_norms
+    from utils.data.encoding import Collator, encode_dialogs
+    from utils.data.templates import load_template
+    from utils.train.fast.norm import LLAMA_RMS_NORMS, fast_norms
 
     batch = Collator(tokenizer.pad_token_id, packing=False)(encode_dialogs(
         [("", [("q" * n, "answer " * (n % 5 + 1))], "") for n in (3, 11, 25)], tokenizer,
@@ -387,7 +388,7 @@ def test_prepare_for_training_applies_only_what_was_measured_on_the_device(tiny_
     from peft.tuners.lora import Linear as LoraLinear
     from transformers import AutoModelForCausalLM
 
-    from utils.fast import PACKED_ATTENTION, prepare_for_training, register_packed_attention
+    from utils.train.fast import PACKED_ATTENTION, prepare_for_training, register_packed_attention
 
     register_packed_attention()
     for device in ("cpu", "cuda"):
@@ -412,7 +413,7 @@ def test_for_inference_gives_back_peft_forward_on_a_bf16_base(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from utils.fast import PACKED_ATTENTION, for_inference, prepare_for_training, register_packed_attention
+    from utils.train.fast import PACKED_ATTENTION, for_inference, prepare_for_training, register_packed_attention
 
     register_packed_attention()
     torch.manual_seed(0)
@@ -431,7 +432,7 @@ def test_for_inference_gives_back_peft_forward_on_a_bf16_base(tiny_model_dir):
 def test_a_run_repeats_from_its_folder(finetune, tmp_path, data_file, monkeypatch):
     """run_config.json records the flags; --config=that file reruns them, and the command line overrides them."""
     import finetune as script
-    from utils.errors import run_cli
+    from utils.core.cli import run_cli
 
     finetune(learning_rate=2e-3, lora_r=4, overwrite_output_dir=True)
     flags = json.loads((tmp_path / "out" / "run_config.json").read_text())["flags"]
@@ -453,7 +454,7 @@ def test_report_to_tensorboard_writes_event_files(finetune, tmp_path):
 
 
 def test_auto_epochs_give_small_data_enough_updates(monkeypatch):
-    from utils.train import auto_epochs
+    from utils.train.setup import auto_epochs
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert auto_epochs(120, 8) == 5  # the demo: 15 updates an epoch, 75 in all

@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
-from utils.errors import UserError
-from utils.flags import Checks, renamed, unknown_flags
+
+from utils.core.errors import UserError
+from utils.core.flags import Checks, renamed, unknown_flags
 
 TYPOS = {"finetune.py": ("output_dri", "output_dir"), "merge_lora.py": ("dtpye", "precision"),
          "cli_demo.py": ("model_pth", "model_path"), "gradio_ui.py": ("server_prot", "server_port"),
@@ -124,7 +124,7 @@ def test_schedulers_and_optimizers_offered_are_transformers_own():
     from transformers import SchedulerType
     from transformers.training_args import OptimizerNames
 
-    from utils.flags import OPTIMIZERS, SCHEDULERS
+    from utils.core.flags import OPTIMIZERS, SCHEDULERS
 
     assert set(SCHEDULERS) <= {s.value for s in SchedulerType}
     assert set(OPTIMIZERS) <= {o.value for o in OptimizerNames}
@@ -155,8 +155,8 @@ def test_gradio_refuses_a_taken_port_before_loading(tmp_path):
 
 
 def test_messages_name_the_flags_of_their_script(tmp_path):
-    from utils.evaluation import subject_files
-    from utils.model import resolve_model_path
+    from utils.eval.ceval_cmmlu import subject_files
+    from utils.model.loading import resolve_model_path
 
     with pytest.raises(UserError,
                        match=r"--model_path='nowhere' is not an existing folder .* or --model_path=builtin:smollm2"):
@@ -168,7 +168,7 @@ def test_messages_name_the_flags_of_their_script(tmp_path):
 
 
 def test_older_flag_names_are_read_as_the_current_ones():
-    from utils.flags import renamed
+    from utils.core.flags import renamed
 
     aliases = {"dtype": "precision", "overwrite": "overwrite_output_dir", "load_4bit": "use_4bit"}
     argv, problems = renamed(["--dtype=bf16", "--overwrite", "--noload_4bit", "pos", "--", "--dtype"], aliases)
@@ -216,7 +216,7 @@ def _main(learning_rate: float = 5e-4, num_epochs: float = 3, use_8bit: bool = F
 def test_config_file_flags_go_before_the_command_line(tmp_path):
     """A JSON or YAML file of flags, or a run_config.json's "flags", is read as flags; the command line wins,
     per-run flags (--overwrite_output_dir) are not repeated, and dashed or older names are read as the current."""
-    from utils.flags import config_flags
+    from utils.core.flags import config_flags
 
     (tmp_path / "c.yaml").write_text("learning-rate: 0.001\nnum_epochs: 5\nload_8bit: true\n"
                                      "overwrite_output_dir: true\noutput_dir: runs/a b\n", encoding="utf-8")
@@ -244,7 +244,7 @@ def test_config_file_flags_go_before_the_command_line(tmp_path):
     (None, "missing.json", r"missing.json is not a .json, .yaml or .yml file that exists"),
 ])
 def test_bad_config_files_are_refused(tmp_path, content, name, message):
-    from utils.flags import config_flags
+    from utils.core.flags import config_flags
 
     if content is not None:
         (tmp_path / name).write_text(content, encoding="utf-8")
@@ -256,7 +256,7 @@ def test_bad_config_files_are_refused(tmp_path, content, name, message):
 def test_report_to_names_what_to_install(monkeypatch):
     import importlib.util
 
-    from utils.flags import report_to_list
+    from utils.core.flags import report_to_list
 
     assert report_to_list("none") == [] and report_to_list(None) == []
     with pytest.raises(UserError, match="--report_to must be none or some of tensorboard, wandb, swanlab, mlflow, "

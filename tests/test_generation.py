@@ -1,21 +1,21 @@
-"""utils.generation: the prompt equals training's, stop tokens and strings, history trimming, Stop, seeds."""
+"""utils.serve.generation: the prompt equals training's, stop tokens and strings, history trimming, Stop, seeds."""
 import copy
 import threading
 
 import pytest
 import torch
 
-from utils.data import IGNORE, encode_dialogs
-from utils.errors import UserError
-from utils.generation import Stream, build_prompt, chat, check_settings, stop_token_ids, stream_chat
-from utils.templates import load_template
+from utils.core.errors import UserError
+from utils.data.encoding import IGNORE, encode_dialogs
+from utils.data.templates import load_template
+from utils.serve.generation import Stream, build_prompt, chat, check_settings, stop_token_ids, stream_chat
 
 HISTORY = [("Hi", "Hello! How can I help?"), ("Name a colour.", "Blue.")]
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from utils.model import load_for_inference
+    from utils.model.loading import load_for_inference
 
     return load_for_inference(model_path=str(tiny_model_dir), precision="fp32")
 
@@ -34,7 +34,7 @@ def test_prompt_is_the_training_prompt(tokenizer, name, system):
 
 
 def test_prompt_uses_the_run_config_template(tiny, tokenizer):
-    from utils.templates import resolve_template
+    from utils.data.templates import resolve_template
 
     _, _, template, _ = tiny
     recorded = load_template("alpaca", tokenizer).to_dict()

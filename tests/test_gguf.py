@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT
-from utils.errors import UserError
+
+from utils.core.errors import UserError
 
 sys.path.insert(0, str(ROOT))
 import export_gguf  # noqa: E402
@@ -120,7 +120,7 @@ def test_llama3_rope_factors_match_transformers():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from utils.gguf_export import rope_settings
+    from utils.export.gguf import rope_settings
 
     config = LlamaConfig(hidden_size=256, num_attention_heads=4, max_position_embeddings=131072,
                          rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
@@ -185,14 +185,14 @@ def test_bad_outtype_exits_2_with_one_sentence(tmp_path, tiny_model_dir):
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="k-quants need llama-cpp-python")
 def test_failed_quantization_leaves_nothing(tmp_path, tiny_model_dir, monkeypatch):
-    import utils.gguf_export
+    import utils.export.gguf
 
     def fail(f16, out, outtype):
         assert f16.is_file() and f16.parent == tmp_path  # the f16 file is written beside the output
         out.write_bytes(b"half")
         raise UserError("llama.cpp could not quantize")
 
-    monkeypatch.setattr(utils.gguf_export, "quantize", fail)
+    monkeypatch.setattr(utils.export.gguf, "quantize", fail)
     with pytest.raises(UserError, match="could not quantize"):
         export_gguf.main(model_path=str(tiny_model_dir), outtype="q4_k_m", output=str(tmp_path / "m.gguf"))
     assert list(tmp_path.iterdir()) == []
@@ -205,8 +205,8 @@ def test_every_template_as_jinja_renders_the_training_prompt(tmp_path, tokenizer
     the chat template export_gguf writes give the text training tokenized, for every template."""
     from test_modelfile import SYSTEM, TURNS, chat_messages, every_template, training_text
 
-    from utils.chat_templates import jinja_chat_template
-    from utils.data import adds_bos, encode_dialogs
+    from utils.data.encoding import adds_bos, encode_dialogs
+    from utils.export.runtime_templates import jinja_chat_template
 
     formatter = None
     if importlib.util.find_spec("llama_cpp"):
@@ -248,11 +248,11 @@ def merged_like(tmp_path, tiny_model_dir, template):
     """The tiny model as merge_lora.py leaves a fine-tune: its folder holds the run's run_config.json."""
     import shutil
 
-    from utils.templates import load_template
+    from utils.data.templates import load_template
 
     folder = tmp_path / "lumi-merged"
     shutil.copytree(tiny_model_dir, folder)
-    from utils.model import load_tokenizer
+    from utils.model.loading import load_tokenizer
 
     tmpl = load_template(template, load_tokenizer(folder))
     (folder / "run_config.json").write_text(json.dumps({"base_model": "builtin:smollm2", "template": tmpl.to_dict(),
@@ -261,7 +261,7 @@ def merged_like(tmp_path, tiny_model_dir, template):
 
 
 def test_merged_folder_gguf_carries_its_training_template(tmp_path, tiny_model_dir, tokenizer):
-    from utils.chat_templates import jinja_chat_template
+    from utils.export.runtime_templates import jinja_chat_template
 
     folder, tmpl = merged_like(tmp_path, tiny_model_dir, "alpaca")
     path = export(tmp_path, folder, "f16", modelfile=True)
@@ -300,7 +300,7 @@ def test_chat_template_no_template_can_be_derived_from(tmp_path, tiny_model_dir,
 def builtin_greedy(smollm2_dir):
     """transformers' fp32 greedy continuation, 16 tokens, of each prompt (EOS does not stop it). The attention mask
     is given: generate() would otherwise mask every pad token in the prompt, and SmolLM2 pads with <|im_end|>."""
-    from utils.model import load_model, load_tokenizer
+    from utils.model.loading import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(smollm2_dir)
     model = load_model(smollm2_dir, torch.float32).eval()
@@ -321,7 +321,7 @@ def builtin_greedy(smollm2_dir):
                            "(builds llama-cpp-python, ~8 min)")
 @pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0", "q6_k", "q4_k_m"])
 def test_llama_cpp_greedy_equals_transformers(tmp_path, smollm2_dir, builtin_greedy, outtype, capsys):
-    from utils.gguf_export import QUANTS, llama_cpp_greedy
+    from utils.export.gguf import QUANTS, llama_cpp_greedy
 
     prompts, expected = builtin_greedy
     path = export(tmp_path, smollm2_dir, outtype)
@@ -356,8 +356,8 @@ def test_sentencepiece_vocab_tokenizes_in_llama_cpp_as_sentencepiece(tmp_path, t
     import sentencepiece as spm
     from llama_cpp import Llama
 
-    from utils.gguf_export import write_gguf
-    from utils.model import load_config
+    from utils.export.gguf import write_gguf
+    from utils.model.loading import load_config
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(["The quick brown fox jumps over the lazy dog. 中国的首都是北京。 12345."] * 50
@@ -473,7 +473,7 @@ def test_architecture_tensors_and_metadata(tmp_path, arch_models, arch):
 def test_architecture_greedy_equals_transformers(tmp_path, arch_models, arch_greedy, tokenizer, arch, outtype):
     """3 prompts x 16 greedy tokens in llama.cpp against transformers (fp32). Random tiny models have near-tied
     logits, where f16 rounding may flip a late token; the floors in ARCH_FLOORS allow that much."""
-    from utils.gguf_export import llama_cpp_greedy
+    from utils.export.gguf import llama_cpp_greedy
 
     prompts = [tokenizer(p).input_ids for p in PROMPTS]
     if arch not in arch_greedy:
@@ -543,7 +543,7 @@ def test_lora_gguf_format(tmp_path, arch_models):
 def test_lora_gguf_over_base_equals_merged_gguf(tmp_path, arch_models, tokenizer, arch, rslora):
     """llama.cpp with the LoRA file over the base's GGUF answers as the merged model's GGUF (f32, greedy, 3 x 16
     tokens), and not as the base alone. rsLoRA's alpha / sqrt(r) is folded into B."""
-    from utils.gguf_export import llama_cpp_greedy
+    from utils.export.gguf import llama_cpp_greedy
 
     adapter, merged = random_lora(arch_models[arch], tmp_path, rslora=rslora)
     base_gguf, merged_gguf, lora_gguf = tmp_path / "base.gguf", tmp_path / "merged.gguf", tmp_path / "lora.gguf"

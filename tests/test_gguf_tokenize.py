@@ -8,7 +8,6 @@ import shutil
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
@@ -53,7 +52,7 @@ def compare(family, folder, tokenizer, text, tmp_path):
     """Export the folder, tokenize `text` in llama.cpp (vocab only) and with the HF tokenizer; print one line."""
     from gguf import GGUFReader
 
-    from utils.gguf_export import load_llama
+    from utils.export.gguf import load_llama
 
     path = tmp_path / f"{folder.name}.gguf"
     export_gguf.main(model_path=str(folder), outtype="f32", output=str(path))
@@ -91,7 +90,7 @@ def test_smollm2_with_gpt2_split(tmp_path, tiny_model_dir, tokenizer):
     hf["pre_tokenizer"] = json.loads(pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True,
                                                               use_regex=True).__getstate__())
     (folder / "tokenizer.json").write_text(json.dumps(hf, ensure_ascii=False), encoding="utf-8")
-    from utils.model import load_tokenizer
+    from utils.model.loading import load_tokenizer
 
     gpt2 = load_tokenizer(folder)
     got, want, pre = compare("SmolLM2, GPT-2's split (gpt-2)", folder, gpt2, chat("<|im_start|>", "<|im_end|>"),
@@ -134,7 +133,7 @@ def test_sentencepiece_llama2_style(tmp_path, legacy):
     if legacy:
         assert got == want
     else:  # the same once each text after a special token is given the "▁" llama.cpp gives it
-        from utils.gguf_export import load_llama
+        from utils.export.gguf import load_llama
 
         llm = load_llama(tmp_path / "llama2ish.gguf", vocab_only=True)
         for part in text.split("<|im_start|>")[1:]:
@@ -151,7 +150,7 @@ def test_byte_level_bpe_with_split_regex(tmp_path, style):
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from utils.gguf_export import LLAMA3_SPLIT, QWEN2_SPLIT
+    from utils.export.gguf import LLAMA3_SPLIT, QWEN2_SPLIT
 
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"]
     bpe = Tokenizer(models.BPE())
@@ -176,7 +175,7 @@ def test_byte_level_bpe_with_split_regex(tmp_path, style):
 def test_builtin_cache_from_an_older_conversion_is_converted_again(tmp_path, monkeypatch, smollm2_dir):
     """A cached built-in folder without the current conversion's marker (one converted with GPT-2's split alone) is
     replaced, so users upgrading train, chat and export with SmolLM2's own tokenization."""
-    from utils.model import BUILTIN_CONVERSION, builtin_path
+    from utils.model.builtin import BUILTIN_CONVERSION, builtin_path
 
     monkeypatch.setenv("LORA_KIT_CACHE", str(tmp_path))
     old = tmp_path / "smollm2-135m-instruct"

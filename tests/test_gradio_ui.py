@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
-from utils.errors import UserError
+
+from utils.core.errors import UserError
 
 sys.path.insert(0, str(ROOT))
 import gradio_ui  # noqa: E402
@@ -58,8 +58,8 @@ def server(tiny_model_dir):
     """The page for the tiny model, served in-process on a free loopback port."""
     import torch
 
-    from utils.generation import check_settings
-    from utils.model import load_for_inference
+    from utils.model.loading import load_for_inference
+    from utils.serve.generation import check_settings
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 2-layer model gains nothing from threads; on a shared CPU they only wait
@@ -82,7 +82,7 @@ def ask(client, question, **overrides):
 def test_eight_sessions_at_once_each_get_their_own_answer(server):
     from gradio_client import Client
 
-    from utils.generation import chat
+    from utils.serve.generation import chat
 
     url, (model, tokenizer, template) = server
     questions = [f"Question {i}: what comes after {i * 7}?" for i in range(8)]
@@ -203,8 +203,8 @@ def tuned(finetune, tmp_path, tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from utils.model import load_for_inference
-    from utils.serving import Engine
+    from utils.model.loading import load_for_inference
+    from utils.serve.engine import Engine
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -221,8 +221,8 @@ def tuned(finetune, tmp_path, tiny_model_dir):
 
 
 def answers_alone(tuned, question, settings, histories=([], [])):
-    """What the base model alone and the tuned model alone answer (utils.generation.chat, one row each)."""
-    from utils.generation import chat
+    """What the base model alone and the tuned model alone answer (utils.serve.generation.chat, one row each)."""
+    from utils.serve.generation import chat
 
     model, tokenizer, template, _, base = tuned
     return [chat(base, tokenizer, template, question, histories[0], settings=settings),
@@ -230,7 +230,7 @@ def answers_alone(tuned, question, settings, histories=([], [])):
 
 
 def test_stream_compare_answers_as_the_base_and_the_tuned_model_alone(tuned):
-    from utils.generation import stream_compare
+    from utils.serve.compare import stream_compare
 
     model, tokenizer, template, engine, _ = tuned
     settings = {**{k: v for k, v in GREEDY.items() if k != "seed"}, "max_new_tokens": 40}
@@ -264,7 +264,7 @@ def test_stream_compare_answers_as_the_base_and_the_tuned_model_alone(tuned):
 def test_compare_page_keeps_each_column_and_session_apart(tuned):
     from gradio_client import Client
 
-    from utils.generation import check_settings
+    from utils.serve.generation import check_settings
 
     model, tokenizer, template, engine, _ = tuned
     demo = gradio_ui.build_demo(model, tokenizer, template, check_settings(), engine=engine)
@@ -315,7 +315,7 @@ def wait_for(page, expected, seconds=60):
 
 def test_compare_page_in_a_headless_browser(tuned):
     sync_api = needs_chromium()
-    from utils.generation import check_settings
+    from utils.serve.generation import check_settings
 
     model, tokenizer, template, engine, _ = tuned
     settings = check_settings(max_new_tokens=300, temperature=0)  # the page's sliders: greedy, long answers
@@ -359,13 +359,13 @@ def test_compare_page_in_a_headless_browser(tuned):
 
 
 def test_compare_without_an_adapter_is_refused_before_any_model_loads(tiny_model_dir, monkeypatch, capsys):
-    import utils.model
-    from utils.errors import run_cli
+    import utils.model.loading
+    from utils.core.cli import run_cli
 
     def no_load(**kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(utils.model, "load_for_inference", no_load)
+    monkeypatch.setattr(utils.model.loading, "load_for_inference", no_load)
     refusal = r"^--compare shows the base model beside its LoRA adapter, so it needs --lora_model \(a finetune.py"
     with pytest.raises(UserError, match=refusal):
         gradio_ui.main(model_path=str(tiny_model_dir), compare=True)

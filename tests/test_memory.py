@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT
 
 glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not Path("/proc/self/maps").exists(),
@@ -15,7 +14,7 @@ glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not Path("/
 
 def mapped_file(tensor):
     """The file whose mapping holds this tensor's memory, or None for anonymous memory."""
-    from utils.memory import file_mappings
+    from utils.core.host import file_mappings
 
     address = tensor.data_ptr()
     return next((path for start, end, path in file_mappings() if start <= address < end), None)
@@ -25,7 +24,7 @@ def mapped_file(tensor):
 def test_quantized_load_keeps_vocabulary_tables_mapped_and_changes_no_logit(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from utils.model import load_model, quantization_config
+    from utils.model.loading import load_model, quantization_config
 
     ours = load_model(tiny_model_dir, torch.float32, 4)
     assert sum(type(m).__name__ == "Linear4bit" for m in ours.modules()) == 14
@@ -45,7 +44,7 @@ def test_quantized_read_goes_through_transformers_safe_open(tiny_model_dir, caps
     must see every shard opened (the library behaviour it relies on), and say so when it no longer does."""
     import transformers.modeling_utils as modeling_utils
 
-    from utils.model import _loading_to_quantize, load_model
+    from utils.model.loading import _loading_to_quantize, load_model
 
     with _loading_to_quantize(None) as opened:
         load_model(tiny_model_dir, torch.float32, 4)
@@ -61,7 +60,7 @@ def test_quantized_read_goes_through_transformers_safe_open(tiny_model_dir, caps
 
 @glibc_only
 def test_freed_memory_is_kept_under_glibc():
-    from utils.memory import reuse_freed_memory
+    from utils.core.host import reuse_freed_memory
 
     assert reuse_freed_memory() is True
 
@@ -69,7 +68,7 @@ def test_freed_memory_is_kept_under_glibc():
 FRAGMENTING = """
 import contextlib, sys, torch
 sys.path.insert(0, {root!r})
-from utils.memory import proc_bytes, returning_freed_memory
+from utils.core.host import proc_bytes, returning_freed_memory
 
 torch.ones(8 << 20)  # freed at once: glibc now serves anything up to 32 MB from its heap
 kept, before = [], proc_bytes("/proc/self/status", "VmRSS")
@@ -103,14 +102,13 @@ def test_sharded_training_on_cpu_returns_freed_memory_from_before_loading(tiny_m
     """ZeRO-3 and FSDP2 gather each weight and free it at every use. A heap told to keep freed memory (the
     one-device choice, reuse_freed_memory) held 4-8 GB a rank of them on the 1.1B bench model, whose ranks need
     about 2.3 GB (bench/RESULTS.md): sharded runs return freed memory, from before the load on."""
-    import utils.memory
-    import utils.model
-    from utils.train import lora_for_training
+    import utils.train.setup
+    from utils.train.setup import lora_for_training
 
-    calls, load = [], utils.model.load_model
-    monkeypatch.setattr(utils.memory, "reuse_freed_memory", lambda: calls.append("keep"))
-    monkeypatch.setattr(utils.memory, "return_freed_memory", lambda: calls.append("return"))
-    monkeypatch.setattr(utils.model, "load_model", lambda *a, **k: calls.append("load") or load(*a, **k))
+    calls, load = [], utils.train.setup.load_model
+    monkeypatch.setattr(utils.train.setup, "reuse_freed_memory", lambda: calls.append("keep"))
+    monkeypatch.setattr(utils.train.setup, "return_freed_memory", lambda: calls.append("return"))
+    monkeypatch.setattr(utils.train.setup, "load_model", lambda *a, **k: calls.append("load") or load(*a, **k))
     lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["auto"], "modules_to_save": []}
     for sharding, expected in ((None, ["load", "keep"]), ("zero2", ["load", "keep"]), ("fsdp2", ["return", "load"]),
                                ("zero3", ["return", "load"])):
@@ -125,7 +123,7 @@ def test_dropped_file_pages_leave_rss_and_keep_their_values(tmp_path):
     out of RSS and every value stays; a weight with a page written to, or in anonymous memory, is left alone."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from utils.memory import drop_file_pages, file_mappings, proc_bytes
+    from utils.core.host import drop_file_pages, file_mappings, proc_bytes
 
     config = LlamaConfig(hidden_size=512, intermediate_size=2048, num_hidden_layers=1, num_attention_heads=4,
                          vocab_size=256)

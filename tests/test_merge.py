@@ -9,9 +9,9 @@ import time
 
 import pytest
 import torch
-
 from conftest import ROOT
-from utils.errors import UserError
+
+from utils.core.errors import UserError
 
 sys.path.insert(0, str(ROOT))
 import merge_lora  # noqa: E402
@@ -155,9 +155,9 @@ def test_output_files_provenance_and_verification(tmp_path, tiny_model_dir, caps
 
 
 def test_sampled_verification_when_two_models_do_not_fit(tmp_path, tiny_model_dir, monkeypatch):
-    import utils.merge
+    import utils.export.merge
 
-    monkeypatch.setattr(utils.merge, "available_memory", lambda: 10**6)
+    monkeypatch.setattr(utils.export.merge, "available_memory", lambda: 10**6)
     adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", target_modules=ALL, use_dora=True)
     merge_lora.main(lora_model=str(adapter), output_dir=str(tmp_path / "merged"))
     check = json.loads((tmp_path / "merged" / "merge_info.json").read_text())["verification"]
@@ -168,7 +168,8 @@ def test_sampled_verification_when_two_models_do_not_fit(tmp_path, tiny_model_di
 def test_killed_merge_leaves_no_output(tmp_path, sharded_dir):
     adapter = make_adapter(sharded_dir, tmp_path / "adapter", target_modules=ALL)
     out = tmp_path / "merged"
-    slow = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); import utils.merge as m; f = m.merged_tensor\n"
+    slow = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); import utils.export.merge as m; "
+            "f = m.merged_tensor\n"
             "m.merged_tensor = lambda *a, **k: (time.sleep(0.05), f(*a, **k))[1]\n"
             f"import merge_lora; merge_lora.main(lora_model={str(adapter)!r}, output_dir={str(out)!r}, no_verify=True)")
     proc = subprocess.Popen([sys.executable, "-c", slow], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -237,9 +238,9 @@ def test_every_bad_input_is_one_sentence_and_writes_nothing(tmp_path, tiny_model
         kwargs = {"lora_model": str(adapter_dir), "output_dir": str(tmp_path / "merged"), "no_verify": True, **kwargs}
         with pytest.raises(UserError, match=message):
             merge_lora.main(**kwargs)
-    import utils.merge
+    import utils.export.merge
 
-    monkeypatch.setattr(utils.merge.shutil, "disk_usage",
+    monkeypatch.setattr(utils.export.merge.shutil, "disk_usage",
                         lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
     with pytest.raises(UserError, match=r"has 0.00 GiB free but the merged model needs 0.\d\d GiB; free some space"):
         merge_lora.main(lora_model=str(adapter_dir), output_dir=str(tmp_path / "merged"))
@@ -282,8 +283,8 @@ def test_real_finetune_adapter_on_the_builtin_model(finetune, tmp_path, smollm2_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from utils.run_folder import read_run_config
-    from utils.model import load_tokenizer
+    from utils.core.run_folder import read_run_config
+    from utils.model.loading import load_tokenizer
 
     finetune(base_model="builtin:smollm2", max_steps=1, save_steps=1, warmup_ratio=0, cutoff_len=32, learning_rate=1e-2,
              per_device_train_batch_size=1)

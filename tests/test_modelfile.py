@@ -9,10 +9,10 @@ construct fails the test instead of rendering as something else.
 import re
 
 import pytest
-
 from conftest import chat_messages
-from utils.chat_templates import go_template, modelfile
-from utils.templates import Template, builtin_names, from_chat_template, load_template
+
+from utils.data.templates import Template, builtin_names, from_chat_template, load_template
+from utils.export.runtime_templates import go_template, modelfile
 
 SYSTEM = "You are Lumi, a helpful assistant. 请用中文或英文回答。"
 TURNS = [("Hi there!", "Hello! How can I help?"), ("写一句诗，带 {braces} 和 {{ go }}", "床前明月光。"),
@@ -287,7 +287,8 @@ def test_modelfile_parser_port_keeps_values_verbatim():
 # ---- every template, through the Modelfile, renders our training prompt ----
 
 def training_text(template, system, turns, eos):
-    """Template.render's segments with EOS after each answer that lacks it, as utils/data.Encoder appends it."""
+    """Template.render's segments with EOS after each answer that lacks it, as utils/data/encoding.Encoder
+    appends it."""
     segments = template.render(system, turns)
     return "".join(s + eos if i % 2 and not s.endswith(eos) else s for i, s in enumerate(segments))
 
@@ -329,7 +330,7 @@ def test_every_template_modelfile_renders_the_training_prompt(tokenizer, tmp_pat
 
 
 def test_modelfile_refuses_what_ollama_cannot_quote(tokenizer):
-    from utils.errors import UserError
+    from utils.core.errors import UserError
 
     template = Template(name="q", user_format='say """{content}"""')
     with pytest.raises(UserError, match="cannot be quoted in an Ollama Modelfile; pass another --template"):

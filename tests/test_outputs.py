@@ -3,10 +3,10 @@ import errno
 import sys
 
 import pytest
-
 from conftest import ROOT
-from utils.errors import UserError
-from utils.files import atomic_path, write_text_atomic
+
+from utils.core.errors import UserError
+from utils.core.files import atomic_path, write_text_atomic
 
 sys.path.insert(0, str(ROOT))
 
@@ -35,7 +35,7 @@ def test_full_disk_is_one_sentence_and_leaves_nothing(tmp_path):
 
 def test_export_on_a_full_disk_leaves_no_partial_gguf(tmp_path, monkeypatch, tiny_model_dir):
     import export_gguf
-    from utils import gguf_export
+    from utils.export import gguf as gguf_export
 
     def partial_write(folder, path, *args, **kwargs):
         path.write_bytes(b"GGUF" + b"\0" * (1 << 20))
@@ -94,12 +94,12 @@ def test_finetune_full_disk_at_a_checkpoint_removes_it(finetune, tmp_path, monke
 
 
 def test_finetune_full_disk_at_the_final_save_replaces_nothing(finetune, tmp_path, monkeypatch):
-    from utils import run_folder
+    from utils.train import run_output
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(run_folder, "write_run_config", full_disk)
+    monkeypatch.setattr(run_output, "write_run_config", full_disk)
     with pytest.raises(UserError,
                        match=r"saving the adapter into .*out failed \(No space left on device\); nothing was replaced"):
         finetune(max_steps=2)

@@ -4,13 +4,24 @@ import json
 import re
 
 import pytest
-
 from conftest import ROOT, SHARED_DATA
-from utils.data import IGNORE, encode_dialogs, encode_prompt
-from utils.errors import UserError
-from utils.preference import (Pair, PairCollator, Pairs, PreferenceEncoder, Unpaired, UnpairedCollator, encode_pairs,
-                              encode_stream, encode_unpaired, read_preference, sides)
-from utils.templates import load_template
+
+from utils.core.errors import UserError
+from utils.data.encoding import IGNORE, encode_dialogs, encode_prompt
+from utils.data.preference import (
+    Pair,
+    PairCollator,
+    Pairs,
+    PreferenceEncoder,
+    Unpaired,
+    UnpairedCollator,
+    encode_pairs,
+    encode_stream,
+    encode_unpaired,
+    read_preference,
+    sides,
+)
+from utils.data.templates import load_template
 
 
 def write(tmp_path, rows, name="pref.json"):

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from utils.data import IGNORE
-from utils.preference import PairCollator, UnpairedCollator
-from utils.preference_loss import kto_loss, pair_loss, sequence_logps
+from utils.data.encoding import IGNORE
+from utils.data.preference import PairCollator, UnpairedCollator
+from utils.train.preference_loss import kto_loss, pair_loss, sequence_logps
 
 # a fixed batch of 3 pairs: summed log-probs, token counts, reference log-probs
 CHOSEN, REJECTED = [-12.5, -30.0, -4.25], [-15.0, -22.0, -9.5]
@@ -118,7 +118,7 @@ def tiny_model():
     """A tiny fp32 LLaMA with our packed attention (each packed sequence attends to itself only)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from utils.fast import PACKED_ATTENTION, register_packed_attention
+    from utils.train.fast import PACKED_ATTENTION, register_packed_attention
 
     register_packed_attention()
     torch.manual_seed(0)
@@ -156,7 +156,7 @@ def test_packed_pair_logps_equal_each_sequence_alone(tiny_model, packing):
 
 
 def test_logps_without_logits_equal_the_logits_path_and_their_gradient(tiny_model):
-    """With the head projected in the loss (utils.fast.project_in_loss), values and gradients are the same."""
+    """With the head projected in the loss (utils.train.fast.project_in_loss), values and gradients are the same."""
     batch = PairCollator(0, True)(PAIRS)
     index, labels = batch.pop("sequence_index"), batch.pop("labels")
     hidden = tiny_model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state

@@ -5,7 +5,6 @@ import math
 import shutil
 
 import pytest
-
 from conftest import ROOT
 
 PAIRS = [{"instruction": q, "chosen": c, "rejected": r} for q, c, r in [
@@ -65,7 +64,7 @@ def test_continued_adapter_is_its_own_reference(finetune, pref_file, tmp_path):
     assert config["lora"]["r"] == 4 and config["preference"]["lora_model"] == str((tmp_path / "sft").resolve())
     assert config["preference"]["reference"] == "the continued adapter as loaded"
 
-    from utils.preference_training import PreferenceTrainer
+    from utils.train.preference_trainer import PreferenceTrainer
 
     # the same run with the base as reference sees the SFT adapter's gain over the base at step 1
     original = PreferenceTrainer.compute_reference
@@ -135,13 +134,13 @@ def test_dpo_adapter_merges_and_answers_like_the_adapter(finetune, pref_file, tm
 
 @pytest.mark.parametrize("unpaired", [False, True])
 def test_token_store_holds_pairs_and_kto_answers(tokenizer, pref_file, tmp_path, unpaired):
-    """Preference data goes through the bounded-memory store (utils/token_store.py), masks and KTO labels kept,
+    """Preference data goes through the bounded-memory store (utils/data/token_store.py), masks and KTO labels kept,
     and reads back as the in-memory encoding; a second read comes from the cache."""
     import numpy as np
 
-    from utils.preference import PreferenceEncoder, Pairs, encode_pairs, encode_unpaired, read_preference
-    from utils.templates import load_template
-    from utils.token_store import tokenized
+    from utils.data.preference import Pairs, PreferenceEncoder, encode_pairs, encode_unpaired, read_preference
+    from utils.data.templates import load_template
+    from utils.data.token_store import tokenized
 
     template = load_template("auto", tokenizer)
     encoder = PreferenceEncoder(tokenizer, template, 64, unpaired)

@@ -6,11 +6,11 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
-from utils import records
-from utils.errors import UserError
-from utils.records import data_files, iter_records, json_records, read_dialogs
+
+from utils.core.errors import UserError
+from utils.data import records
+from utils.data.records import data_files, iter_records, json_records, read_dialogs
 
 TRICKY = [
     {"instruction": "brackets ] [ } { and \"quotes\", commas, and a \\ backslash", "input": "",
@@ -129,7 +129,7 @@ def test_bad_record_deep_in_a_large_file_is_named_and_nothing_is_written(tmp_pat
     bad = tmp_path / "big.json"
     bad.write_text(json.dumps(rows, indent=1), encoding="utf-8")
     out, cache = tmp_path / "out", tmp_path / "cache"
-    from utils.model import builtin_path
+    from utils.model.builtin import builtin_path
 
     env = {**os.environ, "LORA_KIT_CACHE": str(cache)}
     proc = subprocess.run([sys.executable, str(ROOT / "finetune.py"), f"--base_model={builtin_path()}",

@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import RECORDS, ROOT
 
-from conftest import ROOT, RECORDS
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 sys.path.insert(0, str(ROOT))
 

@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from utils.errors import UserError
-from utils.report import figures, loops, read_probes, warnings
+from utils.core.errors import UserError
+from utils.train.report import figures, loops, read_probes, warnings
 
 
 def answer(ids, stopped, text=""):
@@ -51,9 +51,9 @@ def test_a_run_writes_the_report_and_its_base_column_is_the_base_model(finetune,
     import torch
     from transformers import AutoModelForCausalLM
 
-    from utils.data import encode_prompt
-    from utils.model import load_tokenizer
-    from utils.templates import load_template
+    from utils.data.encoding import encode_prompt
+    from utils.data.templates import load_template
+    from utils.model.loading import load_tokenizer
 
     finetune(report=True, probe_prompts=["who are you?", "写一句诗"], val_set_size=2, max_steps=2)
     out = tmp_path / "out"
@@ -83,9 +83,9 @@ def test_stage_pt_report_continues_held_text_and_probes_as_raw_text(finetune, tm
     import torch
     from transformers import AutoModelForCausalLM
 
-    from utils.generation import stop_token_ids
-    from utils.model import load_tokenizer
-    from utils.templates import load_template
+    from utils.data.templates import load_template
+    from utils.model.loading import load_tokenizer
+    from utils.serve.generation import stop_token_ids
 
     text = tmp_path / "corpus.txt"
     text.write_text("\n".join(f"Paragraph {i} about rivers and mountains." for i in range(40)), encoding="utf-8")

@@ -3,11 +3,11 @@ prompt built for inference is token for token the prompt that training saw."""
 import json
 
 import pytest
-
 from conftest import chat_messages
-from utils.data import encode_dialogs, encode_prompt
-from utils.errors import UserError
-from utils.templates import builtin_names, fill, from_chat_template, load_template
+
+from utils.core.errors import UserError
+from utils.data.encoding import encode_dialogs, encode_prompt
+from utils.data.templates import builtin_names, fill, from_chat_template, load_template
 
 LLAMA3_JINJA = (
     "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"

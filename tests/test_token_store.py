@@ -5,14 +5,14 @@ import multiprocessing
 
 import numpy as np
 import pytest
-
 from conftest import RECORDS
-from utils import token_store
-from utils.data import Encoder, encode_dialogs, encode_texts
-from utils.errors import UserError
-from utils.records import data_files, read_dialogs
-from utils.templates import load_template
-from utils.token_store import TokenStore, cache_key, tokenized
+
+from utils.core.errors import UserError
+from utils.data import token_store
+from utils.data.encoding import Encoder, encode_dialogs, encode_texts
+from utils.data.records import data_files, read_dialogs
+from utils.data.templates import load_template
+from utils.data.token_store import TokenStore, cache_key, tokenized
 
 SUFFIXES = (".json", ".jsonl")
 
@@ -125,7 +125,7 @@ def test_cache_key_follows_data_tokenizer_and_settings(tmp_path, tokenizer, data
 
 
 def _open_in_process(folder, files, model_dir, queue):
-    from utils.model import load_tokenizer
+    from utils.model.loading import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     encoder = Encoder(tokenizer, "sft", load_template("auto", tokenizer), 96)

@@ -1,0 +1,1 @@
+"""Data: records read and checked, prompt templates, tokenization and masking, the token store, preference pairs."""

@@ -1,0 +1,1 @@
+"""Evaluation: C-Eval and CMMLU."""
