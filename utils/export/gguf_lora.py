@@ -16,7 +16,7 @@ from utils.export.gguf import PERMUTED, TYPES, convert, gguf_name, permute_qk
 
 def lora_tensors(adapter_dir, config, arch):
     """(alpha, [(gguf name, A, B)]) from the adapter folder, or one sentence on what llama.cpp cannot apply."""
-    from utils.export.merge import load_adapter
+    from utils.export.merge import load_adapter  # late: imports torch (flag checks stay torch-free)
 
     weights = adapter_dir / "adapter_model.safetensors"
     lora_config, modules, replace = load_adapter(adapter_dir, allow_pickle=False)

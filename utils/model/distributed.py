@@ -238,7 +238,7 @@ def adapter_in_checkpoints(model, name):
     if name != "fsdp2":
         return TrainerCallback()
 
-    from utils.model.lora import save_adapter
+    from utils.model.lora import save_adapter  # late: imports torch (flag checks stay torch-free)
 
     class AdapterInCheckpoints(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):

@@ -130,8 +130,8 @@ def end_of_run_report(model, tokenizer, template, out, stage="sft", val=None, pr
     if shards_weights(engine):
         return say(f"no report: under {engine} no process holds the whole model; merge the adapter "
                    f"(merge_lora.py) and chat with the merged model instead")
-    from utils.serve.generation import stop_token_ids
-    from utils.train.fast import for_inference
+    from utils.serve.generation import stop_token_ids  # late: imports torch (flag checks stay torch-free)
+    from utils.train.fast import for_inference  # imports torch, as above
 
     for_inference(model)
     items = [("validation", None, ids, ref) for ids, ref in _validation_items(val, tokenizer, stage)]

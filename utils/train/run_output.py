@@ -130,7 +130,7 @@ def save_run(output_dir, model, tokenizer, config, log_history, engine=None):
     """finetune's final files: the adapter, the tokenizer, run_config.json (`config`) and loss.png, moved into
     output_dir together once every one is written. Every process calls it, and global rank 0 writes: under an
     `engine` that shards the weights (utils/model/distributed) all of them take part in gathering the LoRA weights."""
-    from utils.model.lora import save_adapter
+    from utils.model.lora import save_adapter  # late: imports torch (flag checks stay torch-free)
 
     with whole_trainable_weights(model, engine):
         if not is_main_process():
