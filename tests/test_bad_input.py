@@ -865,11 +865,13 @@ def test_a_typo_is_refused_before_any_work(script, request, tmp_path, monkeypatc
     """Every function that reads data or loads a model raises when called. Without the typo main calls one of
     them (so they are what it uses); with the typo none is called, and the run ends with the typo's one line."""
     import utils.core.run_folder
+    import utils.data.preference
     import utils.data.records
     import utils.data.token_store
     import utils.eval.ceval_cmmlu
     import utils.export.merge
     import utils.model.loading
+    import utils.train.setup
 
     places = Places(tmp_path, request)
     also(cmmlu)(tmp_path, places)
@@ -885,8 +887,9 @@ def test_a_typo_is_refused_before_any_work(script, request, tmp_path, monkeypatc
         return work
 
     module = importlib.import_module(script[:-3])
+    # every module that imports a WORK name at its top holds its own binding, so each is patched
     owners = (module, utils.model.loading, utils.export.merge, utils.data.records, utils.core.run_folder,
-              utils.eval.ceval_cmmlu, utils.data.token_store)
+              utils.eval.ceval_cmmlu, utils.data.token_store, utils.data.preference, utils.train.setup)
     for owner in owners:
         for name in WORK:
             if callable(getattr(owner, name, None)):

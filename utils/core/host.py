@@ -1,4 +1,5 @@
-"""Host memory: what the OS says is free or used, and how glibc's allocator should treat what torch frees.
+"""The host machine: memory the OS says is free or used, how glibc's allocator should treat what torch frees, and
+the CPUs the cgroup quota allows (`cpu_quota`).
 
 glibc serves a large allocation with its own mmap and unmaps it when freed, but after the first such free
 it raises that threshold (up to 32 MB), so later tensors come from the heap, where freed memory stays

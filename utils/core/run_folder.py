@@ -5,6 +5,7 @@ template, cutoff, quantization), loss.png and checkpoint-N/ folders. merge, chat
 that folder, a checkpoint-N/ inside it (whose run_config.json is its parent's), an older folder with an
 adapter_model/ subfolder, or any PEFT adapter folder, by the same rules: `find_adapter`, `read_run_config`,
 `adapter_base`. BUILTIN names the built-in base model everywhere.
+
 What training writes into it (checkpoints, resume, the final files together) is utils/train/run_output.py.
 """
 import json

@@ -4,8 +4,8 @@ The prompt comes from utils.data.encoding.encode_prompt, the code that built the
 asked in exactly the form it learned. `decode` is a plain KV-cache decode loop that runs in the reader's
 own thread (no streamer thread to compete with the model for the cores); `Stream` turns its ids into
 text pieces, ends the answer on any stop token or stop string, and before the next token once its
-`stop_event` is set (Ctrl-C in the terminal, the Stop button on the page). `stream_compare` answers one message
-twice, by the base model and by its LoRA adapter, decoded together over one copy of the base weights.
+`stop_event` is set (Ctrl-C in the terminal, the Stop button on the page). Base and tuned answers side by side
+are utils/serve/compare.py.
 """
 import dataclasses
 import inspect

@@ -1,5 +1,5 @@
-"""Training set-up and bookkeeping: the LoRA model ready to train, throughput, the whole run's loss across a
-resume, and whether activations fit.
+"""Training set-up: the LoRA model ready to train, the epochs and learning rate by default, and whether
+activations fit. The callbacks every run uses are utils/train/callbacks.py.
 
 The fast path's kernels live in utils/train/fast/, behind one entry point, `prepare_for_training`.
 """
