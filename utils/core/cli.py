@@ -41,8 +41,8 @@ def leave_process_group():
     """After a distributed run (torchrun, accelerate, DeepSpeed) succeeded: every rank waits for the others, then
     tears the process group down while the interpreter is whole, as torch's docs ask. Left to the interpreter's
     exit, gloo's worker threads can abort the process ("terminate called without an active exception", pytorch
-    #190489): seen once in about 16 ZeRO-3 runs on gloo here, rank 1 aborting after training, and the launcher then
-    killed rank 0 before it wrote the adapter. Not on failure: a rank that raised leaves the others in a collective."""
+    #190489; bench/RESULTS.md, "Figures that moved out of the code"), and the launcher then kills the other ranks,
+    maybe before rank 0 wrote the adapter. Not on failure: a rank that raised leaves the others in a collective."""
     torch = sys.modules.get("torch")  # a run that never imported torch has no process group
     if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()

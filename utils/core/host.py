@@ -11,8 +11,8 @@ resident. Two phases want opposite things from it:
   and it dequantizes every weight into a fresh temporary at every use: a heap that kept those grew by
   about one MLP weight per layer, so quantized runs keep returning it, at the price of page faults
   (figures in bench/RESULTS.md, QLoRA memory).
-- ZeRO-3 and FSDP2 gather every weight at each use and free it after: a heap that kept those grew to 4-8 GB a
-  rank on CPU for a 1.1B model that needs 2.3 GB, so sharded runs return freed memory from before loading on
+- ZeRO-3 and FSDP2 gather every weight at each use and free it after: a heap that kept those grew to several
+  times the model's size a rank, so sharded runs return freed memory from before loading on
   (utils/train/setup.lora_for_training; bench/RESULTS.md, scale-out).
 Every function is a no-op where there is no glibc or no /proc.
 """

@@ -353,8 +353,8 @@ def write_gguf(folder, path, outtype, config, tokenizer, name, chat_template=Non
 
 def load_llama(gguf_path, **kwargs):
     """llama-cpp-python's Llama on the file, quiet, on 2 threads, weights in llama.cpp's plain CPU buffers: on CPUs
-    with AMX its repacked buffers segfault in the first q8_0 matmul (llama.cpp issue 20824, seen on this project's
-    test machine). Llama() takes no such setting, so its default model parameters are patched while it loads."""
+    with AMX its repacked buffers segfault in the first q8_0 matmul (llama.cpp issue 20824;
+    bench/RESULTS.md). Llama() takes no such setting, so its default model parameters are patched while it loads."""
     import llama_cpp
     from llama_cpp import Llama
 

@@ -78,7 +78,7 @@ def size_zero3_gathering(model_config):
     configs/deepspeed/zero3*.json) for this model, in the config the Trainer and zero.Init read, before the model
     loads: at most two decoder layers' weights gathered at a time (the one computing, the next prefetched), and
     none kept for reuse. DeepSpeed's default for both, 1e9, kept every weight of a 1.1B model gathered through a
-    step, 4.1 GB a rank against 2.3 GB (bench/RESULTS.md), and is about one layer of a 70B model. Returns what it
+    step (bench/RESULTS.md, scale-out), and is about one layer of a 70B model. Returns what it
     set ({} when nothing is "auto"), or None when the run is not ZeRO-3."""
     from transformers.integrations.deepspeed import deepspeed_config as hf_config
 
@@ -151,7 +151,7 @@ def training_under(trainer, name):
     engine up (an accelerate or transformers version that handles it differently), rather than train without it
     unnoticed. Under FSDP2, rank 0 sends every weight of the model it loaded to the ranks' shards (accelerate's
     fsdp2_load_full_state_dict, inside train()); those weights are the checkpoint's mapped pages, and each stayed
-    in rank 0's RSS until the last was sent: 2.3 GB of the 1.1B bench model, rank 0's peak (bench/RESULTS.md).
+    in rank 0's RSS until the last was sent, rank 0's peak (bench/RESULTS.md, scale-out).
     Here each weight's pages are dropped once it is sent (utils/core/host.drop_file_pages). tests/test_distributed.py
     pins the accelerate code this relies on."""
     took = ("zero" if trainer.is_deepspeed_enabled else "fsdp" if trainer.is_fsdp_enabled else None)

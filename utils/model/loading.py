@@ -250,8 +250,8 @@ def _loading_to_quantize(vocab_size):
 def _zero3_loading_a_shard_at_a_time(folder):
     """Under ZeRO-3, transformers (5.x) maps every shard of the checkpoint on rank 0, merges them into one state
     dict and fills the partitions from it (modeling_utils, the is_deepspeed_zero3_enabled branch), so rank 0's RSS
-    holds the whole checkpoint's file pages until loading ends: 2.3 GB for a 1.1B model in bf16, the peak of its
-    run (bench/RESULTS.md). Here the fill, _load_state_dict_into_zero3_model (built for a part of the checkpoint at
+    holds the whole checkpoint's file pages until loading ends, the peak of its run (bench/RESULTS.md, scale-out).
+    Here the fill, _load_state_dict_into_zero3_model (built for a part of the checkpoint at
     a time), is given one shard at a time: each rank reads a shard (rank 0 its values, mapped; the others only its
     shapes), fills what it holds, and drops it, unmapping it, before the next. The merged state dict transformers
     built stays mapped, untouched, so its pages never enter RSS. It steps aside, to transformers' own fill, for a

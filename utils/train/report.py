@@ -148,7 +148,7 @@ def end_of_run_report(model, tokenizer, template, out, stage="sft", val=None, pr
     say(f"report: {len(prompts)} prompts, answered by the tuned model and {len(missing)} by the base model "
         f"({kept} base answers kept from an earlier run on this base) ...")
     if missing:  # the base model is the same weights with the adapter switched off: no second copy
-        with model.disable_adapter():  # own batch: 18 s + 12 s on the demo, 37 s as one per-row-adapter batch
+        with model.disable_adapter():  # a batch of its own is faster than peft's per-row adapters (bench/RESULTS.md)
             cache.add(missing, greedy(model, tokenizer, missing, stops, max_new_tokens))
     base = [cache.answers[cache.key(ids)] for ids in prompts]
     tuned = greedy(model, tokenizer, prompts, stops, max_new_tokens)  # alone, so a cached base changes nothing
